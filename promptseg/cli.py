@@ -1,0 +1,149 @@
+"""``promptseg`` command line: train, evaluate, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from promptseg.data.datasets import KINDS
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on the shared datasets")
+    p.add_argument("--config", type=Path, help="JSON or YAML file of TrainConfig fields")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--data-root", dest="data_root")
+    p.add_argument("--out")
+    p.add_argument("--preset", choices=["small", "paper", "tiny"])
+    p.add_argument("--fusion", choices=["concat", "film", "film+cbn"])
+    p.add_argument("--se", type=_bool)
+    p.add_argument("--cbam", type=_bool)
+    p.add_argument("--loss", help="loss name or weighted sum, e.g. dice_bce or 'dice+0.5*boundary'")
+    p.add_argument("--datasets", nargs="+", choices=KINDS)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--max-samples-per-epoch", dest="max_samples_per_epoch", type=int)
+    p.add_argument("--val-max-samples", dest="val_max_samples", type=int)
+    p.add_argument("--encoder", help="'minilm' (default) or a local BERT-family folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset folder")
+    p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
+    p.add_argument("--data", required=True, type=Path, help="folder in the dataset's layout")
+    p.add_argument("--dataset", required=True, choices=KINDS)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--split", choices=["train", "val"], help="only this documented split")
+    p.add_argument(
+        "--prompt-set",
+        default="canonical",
+        choices=["canonical", "train", "heldout"],
+        help="which phrasings to prompt with",
+    )
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=0.5)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters and FLOPs per preset")
+    p.add_argument("--presets", nargs="+", default=["small", "paper"])
+
+
+def _load_config_file(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from promptseg.train import TrainConfig, train
+
+    values = _load_config_file(args.config) if args.config else {}
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{args.config}: unknown config keys {sorted(unknown)}")
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    train(TrainConfig(**values), resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from promptseg.evaluate import evaluate
+
+    summary = evaluate(
+        args.checkpoint,
+        args.data,
+        args.dataset,
+        args.out,
+        split=args.split,
+        prompt_set=args.prompt_set,
+        batch=args.batch,
+        threads=args.threads,
+        threshold=args.threshold,
+    )
+    for target, row in summary["targets"].items():
+        print(f"{target:18s} dice {row['dice_mean']:.4f}  n={row['n']}")
+    print(
+        f"absent-target empty rate {summary['absent_empty_rate']:.4f} "
+        f"(n={summary['absent_n']}); wrote {args.out / 'summary.json'}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from promptseg.model.unet import UNet, count_flops, count_parameters, preset_config
+
+    for name in args.presets:
+        unet = UNet(preset_config(name))
+        res = unet.config.resolution
+        print(
+            f"{name:6s} widths {unet.config.widths} at {res}x{res}: "
+            f"{count_parameters(unet) / 1e6:.3f} M parameters (image network), "
+            f"{count_flops(unet) / 1e9:.2f} GFLOPs per slice, film vector {unet.film_dim}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="promptseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_info(sub)
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}
+    try:
+        return handlers[args.command](args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"promptseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data readers, writers and (in other modules) training datasets."""

@@ -1,0 +1,1 @@
+"""Network definition: blocks, prompt fusion, U-Net, text encoder."""
