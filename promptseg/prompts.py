@@ -95,13 +95,18 @@ class PromptVocabulary:
     """Targets with their synonyms and templates; travels inside every checkpoint."""
 
     targets: tuple[str, ...] = TARGETS
-    synonyms: dict[str, list[str]] = field(default_factory=lambda: dict(SYNONYMS))
+    synonyms: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in SYNONYMS.items()}
+    )
     templates: list[str] = field(default_factory=lambda: list(TEMPLATES))
-    heldout_synonyms: dict[str, list[str]] = field(default_factory=lambda: dict(HELDOUT_SYNONYMS))
+    heldout_synonyms: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in HELDOUT_SYNONYMS.items()}
+    )
     heldout_templates: list[str] = field(default_factory=lambda: list(HELDOUT_TEMPLATES))
 
     def sample(self, target: str, rng: random.Random) -> str:
         """A random training phrasing of ``target`` (synonym and template from the train lists)."""
+        self._check(target)
         synonym = rng.choice(self.synonyms[target])
         return rng.choice(self.templates).format(x=synonym)
 

@@ -1,0 +1,330 @@
+"""Static INT8 quantisation of the image graph into a Q/DQ ONNX graph (``model.int8.onnx``).
+
+:func:`quantize_int8` runs ONNX Runtime's ``quantize_static`` with ``QuantFormat.QDQ``, signed
+INT8 activations and weights, both symmetric (zero point 0), per-channel weights by default,
+calibrated on real train-split slices (:mod:`promptseg.calibration.data`). The graph keeps
+float32 ``image``/``film``/``logits`` at its boundary, so every runtime feeds it like the FP32
+graph; ``quant_pre_process`` (symbolic shape inference + ORT graph optimisation) runs first
+and is skipped, with a note in the report, if it fails.
+
+TensorRT 11 path. TensorRT 11 removed implicit INT8 calibration: ``IInt8Calibrator`` and
+``IBuilderConfig.int8_calibrator`` are gone, and so is ``BuilderFlag.INT8`` (like every
+precision flag; networks are always strongly typed). INT8 on TensorRT 11 therefore means an
+*explicitly quantised* ONNX graph with QuantizeLinear/DequantizeLinear pairs, which TensorRT
+builds strongly typed, taking each tensor's precision from the graph. NVIDIA's tool for writing
+such graphs is TensorRT Model Optimizer::
+
+    from modelopt.onnx.quantization import quantize
+    quantize(onnx_path="model.onnx", quantize_mode="int8",
+             calibration_data={"image": (N, 1, R, R), "film": (N, P)},
+             calibration_method="entropy",  # or "max"
+             output_path="model.int8.onnx")
+
+(signature as documented at https://nvidia.github.io/TensorRT-Model-Optimizer/reference/
+generated/modelopt.onnx.quantization.quantize.html: ``quantize(onnx_path, quantize_mode='int8',
+calibration_data=None, calibration_method=None, ..., calibration_eps=['cpu', 'cuda:0', 'trt'],
+..., output_path=None, ..., high_precision_dtype='fp16', ...) -> None``; the removed TensorRT 11
+APIs are listed at https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
+tensorrt-10x-to-11x-python-api-reference.html). The graph written here is the same format
+(symmetric INT8 Q/DQ), so either one builds on TensorRT 10 (explicit quantisation) and 11;
+:func:`modelopt_quantize` wraps the ModelOpt call for GPU machines.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from promptseg.calibration.data import (
+    CalibrationReader,
+    CalibrationSet,
+    PromptCache,
+    resolve_calibration,
+)
+
+from promptseg.preprocess import Preprocessing
+
+__all__ = ["METHODS", "count_qdq", "modelopt_quantize", "quantize_int8"]
+
+METHODS = ("minmax", "entropy", "percentile")
+# Which ops get Q/DQ: "conv" quantises the compute-heavy ops (inputs and weights of convolutions
+# and matrix products), the placement TensorRT fuses best; "all" is ONNX Runtime's full list
+# (also element-wise ops, the FiLM split, the attention gates and the L2 normalisation).
+OP_TYPES: dict[str, tuple[str, ...] | None] = {
+    "conv": ("Conv", "ConvTranspose", "Gemm", "MatMul"),
+    "all": None,
+}
+MODELOPT_METHODS = ("entropy", "max")
+# Calibration pixels held in memory at once (batch x R x R); bounds the activation memory of
+# ORT's calibrators (histogram methods keep every intermediate output of a stride).
+_PIXELS_PER_BATCH = 16 * 128 * 128
+_PIXELS_PER_STRIDE = 4 * _PIXELS_PER_BATCH
+
+
+def count_qdq(onnx_path: str | Path) -> dict[str, Any]:
+    """Count Q/DQ nodes and the compute nodes that consume dequantised tensors.
+
+    Returns:
+        ``{"quantize_linear", "dequantize_linear", "nodes_total", "nodes_quantized",
+        "quantized_op_types": {op: count}}``; a node counts as quantised when at least one
+        of its inputs is produced by a DequantizeLinear node.
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    compute = [n for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    quantized = [n for n in compute if any(producer.get(i) == "DequantizeLinear" for i in n.input)]
+    ops = Counter(n.op_type for n in graph.node)
+    return {
+        "quantize_linear": ops.get("QuantizeLinear", 0),
+        "dequantize_linear": ops.get("DequantizeLinear", 0),
+        "nodes_total": len(compute),
+        "nodes_quantized": len(quantized),
+        "quantized_op_types": dict(sorted(Counter(n.op_type for n in quantized).items())),
+    }
+
+
+def _calibration_method(method: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if method not in table:
+        raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+    return table[method]
+
+
+def _batching(n: int, resolution: int, batch_size: int | None) -> tuple[int, int, int]:
+    """(batch size, number of batches, stride in batches dividing the number of batches)."""
+    batch = batch_size or max(1, min(16, _PIXELS_PER_BATCH // (resolution * resolution)))
+    n_batches = -(-n // batch)
+    limit = max(1, _PIXELS_PER_STRIDE // (batch * resolution * resolution))
+    stride = max(d for d in range(1, min(limit, n_batches) + 1) if n_batches % d == 0)
+    return batch, n_batches, stride
+
+
+def _pre_process(src: Path, dst: Path) -> str | None:
+    """Run ``quant_pre_process``; None on success, else the reason it was skipped."""
+    from onnxruntime.quantization import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception as exc:  # noqa: BLE001 - optional step; report and go on
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"quant_pre_process failed, quantising the graph as exported ({first})"
+    return None
+
+
+def quantize_int8(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    calib_data: CalibrationSet | CalibrationReader | str | Path | None,
+    *,
+    per_channel: bool = True,
+    method: str = "minmax",
+    op_types: str | Sequence[str] = "conv",
+    nodes_to_exclude: Sequence[str] = (),
+    n: int = 128,
+    seed: int = 0,
+    prompt_cache: PromptCache | str | Path | None = None,
+    preprocessing: Preprocessing | dict | None = None,
+    batch_size: int | None = None,
+    pre_process: bool = True,
+    percentile: float = 99.999,
+    save_calibration: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write a symmetric INT8 Q/DQ graph calibrated on real train-split slices.
+
+    Args:
+        fp32_onnx: The FP32 image graph (``model.onnx``), inputs ``image``/``film``.
+        out_path: Where to write the Q/DQ graph (atomically).
+        calib_data: A :class:`CalibrationSet` or reader, a calibration ``.npz`` or a dataset
+            root (then ``n`` samples are drawn with ``seed``).
+        per_channel: Per-output-channel weight scales.
+        method: "minmax", "entropy" or "percentile" activation calibration.
+        op_types: "conv" (default: Conv, ConvTranspose, Gemm, MatMul), "all" (every op ONNX
+            Runtime can quantise) or an explicit list of op types.
+        nodes_to_exclude: Node names kept in float.
+        prompt_cache: FiLM source (default: ``prompt_cache.safetensors`` beside ``fp32_onnx``).
+        preprocessing: Normalisation settings (default: the graph's metadata, else defaults).
+        batch_size: Calibration batch (default: 16 at 128 x 128, fewer at larger R).
+        pre_process: Run ``quant_pre_process`` first.
+        percentile: Kept share of the absolute-value histogram for ``method="percentile"``.
+        save_calibration: Also save the calibration set used to this ``.npz``.
+
+    Returns:
+        Report dict: method, per_channel, symmetric, n_samples, calibration summary,
+        pre_process note, Q/DQ and quantised node counts, seconds, output path.
+
+    Raises:
+        ValueError: Unknown method, missing or mismatching calibration data.
+        FileNotFoundError: ``fp32_onnx`` or a calibration path does not exist.
+    """
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    started = time.perf_counter()
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    if not fp32_onnx.is_file():
+        raise FileNotFoundError(f"{fp32_onnx}: FP32 graph not found")
+    calibrate_method = _calibration_method(method)
+    if isinstance(op_types, str):
+        if op_types not in OP_TYPES:
+            raise ValueError(
+                f"unknown op_types {op_types!r}; valid: {', '.join(OP_TYPES)} or a list"
+            )
+        quantized_ops = OP_TYPES[op_types]
+    else:
+        quantized_ops = tuple(op_types)
+    calib = resolve_calibration(
+        calib_data, fp32_onnx, prompt_cache=prompt_cache, preprocessing=preprocessing, n=n,
+        seed=seed,
+    )  # fmt: skip
+    if save_calibration is not None:
+        calib.save(save_calibration)
+    batch, n_batches, stride = _batching(len(calib), calib.resolution, batch_size)
+    reader = CalibrationReader(calib, batch)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "CalibStridedMinMax": stride,
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = float(percentile)
+    note = None
+    with tempfile.TemporaryDirectory(prefix="promptseg-int8-") as tmp:
+        source = fp32_onnx
+        if pre_process:
+            prepped = Path(tmp) / "model.pre.onnx"
+            note = _pre_process(fp32_onnx, prepped)
+            if note is None:
+                source = prepped
+        fd, partial = tempfile.mkstemp(
+            prefix=f".{out_path.stem}.", suffix=".onnx", dir=out_path.parent
+        )
+        os.close(fd)
+        try:
+            quantize_static(
+                str(source),
+                partial,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=calibrate_method,
+                op_types_to_quantize=list(quantized_ops) if quantized_ops else None,
+                nodes_to_exclude=list(nodes_to_exclude) or None,
+                extra_options=extra,
+            )
+            onnx.checker.check_model(partial)
+            os.replace(partial, out_path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+    counts = count_qdq(out_path)
+    if counts["quantize_linear"] == 0 or counts["nodes_quantized"] == 0:
+        raise RuntimeError(f"{out_path}: quantize_static inserted no Q/DQ nodes into {fp32_onnx}")
+    return {
+        "method": method,
+        "format": "QDQ",
+        "activation_type": "int8",
+        "weight_type": "int8",
+        "symmetric": True,
+        "per_channel": per_channel,
+        "op_types": op_types if isinstance(op_types, str) else list(op_types),
+        "n_samples": len(calib),
+        "batch_size": batch,
+        "n_batches": n_batches,
+        "calibration": calib.summary(),
+        "pre_process": (note or "quant_pre_process applied") if pre_process else "skipped",
+        **counts,
+        "onnxruntime": onnxruntime.__version__,
+        "source": str(fp32_onnx),
+        "output": str(out_path),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def modelopt_quantize(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    calib_data: CalibrationSet | CalibrationReader | str | Path | None,
+    *,
+    method: str = "entropy",
+    high_precision_dtype: str = "fp16",
+    calibration_eps: tuple[str, ...] = ("cuda:0", "cpu"),
+    n: int = 128,
+    seed: int = 0,
+    prompt_cache: PromptCache | str | Path | None = None,
+    preprocessing: Preprocessing | dict | None = None,
+) -> dict[str, Any]:
+    """INT8 Q/DQ graph for TensorRT 11 through NVIDIA TensorRT Model Optimizer (GPU machines).
+
+    Calls ``modelopt.onnx.quantization.quantize(onnx_path, quantize_mode="int8",
+    calibration_data={"image", "film"}, calibration_method=method, calibration_eps=...,
+    high_precision_dtype=..., output_path=...)`` on the same calibration set as
+    :func:`quantize_int8`; ModelOpt writes TensorRT-friendly Q/DQ placement and keeps the
+    non-quantised part in ``high_precision_dtype``.
+
+    Args:
+        method: "entropy" (ModelOpt's default) or "max".
+        high_precision_dtype: "fp16" (TensorRT default), "bf16" or "fp32" for unquantised ops.
+        calibration_eps: Execution providers ModelOpt calibrates with, in priority order.
+
+    Returns:
+        Report dict like :func:`quantize_int8`'s.
+
+    Raises:
+        ImportError: ``nvidia-modelopt`` is not installed (names the extra to install).
+        ValueError: Unknown method or bad calibration data.
+    """
+    if method not in MODELOPT_METHODS:
+        raise ValueError(
+            f"unknown ModelOpt method {method!r}; valid: {', '.join(MODELOPT_METHODS)}"
+        )
+    try:
+        from modelopt.onnx.quantization import quantize as mo_quantize
+    except ImportError as exc:
+        raise ImportError(
+            "modelopt_quantize needs NVIDIA TensorRT Model Optimizer: "
+            "pip install 'nvidia-modelopt[onnx]' (a GPU machine with the 'promptseg[trt]' extra)"
+        ) from exc
+    started = time.perf_counter()
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    calib = resolve_calibration(
+        calib_data, fp32_onnx, prompt_cache=prompt_cache, preprocessing=preprocessing, n=n,
+        seed=seed,
+    )  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    mo_quantize(
+        onnx_path=str(fp32_onnx),
+        quantize_mode="int8",
+        calibration_data=calib.inputs(),
+        calibration_method=method,
+        calibration_eps=list(calibration_eps),
+        high_precision_dtype=high_precision_dtype,
+        output_path=str(out_path),
+    )
+    return {
+        "method": f"modelopt-{method}",
+        "format": "QDQ",
+        "high_precision_dtype": high_precision_dtype,
+        "n_samples": len(calib),
+        "calibration": calib.summary(),
+        **count_qdq(out_path),
+        "source": str(fp32_onnx),
+        "output": str(out_path),
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,106 @@
+"""Errors, progress lines, hashing and atomic writes shared by the export stages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class ExportError(RuntimeError):
+    """An export that cannot go on (a failed check, a broken graph); one-line message.
+
+    The CLI prints the message and exits with status 1.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ExportInputError(ExportError):
+    """A bad argument, missing checkpoint or unwritable folder; the CLI exits with status 2."""
+
+    exit_code = 2
+
+
+class Progress:
+    """One line per stage on stderr: ``[promptseg-export] <stage> (<seconds>s)``."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"[promptseg-export {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write through ``write(tmp)`` into a temp file beside ``path``, then rename it into place.
+
+    The temp name keeps the suffix (``.tmp-<hex>-<name>``) so suffix-sniffing writers work. On
+    failure the temp file is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    tmp = target.parent / f".tmp-{secrets.token_hex(6)}-{target.name}"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ExportInputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented UTF-8 JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy a file atomically."""
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def save_onnx(model: Any, path: str | os.PathLike[str]) -> Path:
+    """Serialize an ``onnx.ModelProto`` into one self-contained file, atomically."""
+    data = model.SerializeToString()
+    return atomic_write_bytes(path, data)
+
+
+def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"sha256": ..., "bytes": ...}`` of a file (the manifest's ``files`` entries)."""
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}

@@ -1,0 +1,225 @@
+"""FP16 conversion guided by a range audit of the FP32 graph on real slices.
+
+The audit runs the FP32 graph in ONNX Runtime with every intermediate tensor exposed as an
+output and records max |activation| per node. Nodes above ``limit * margin`` stay FP32, and so
+do the L2-normalisation reductions (a sum of squares overflows FP16 long before its square root
+does). After conversion the FP16 graph is audited the same way; any non-finite or out-of-range
+tensor fails the export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from promptseg.export.files import ExportError
+
+FP16_MAX = 65504.0
+DEFAULT_MARGIN = 1.0 / 8.0
+_FLOAT_TYPES = (1, 10)  # onnx TensorProto.FLOAT, FLOAT16
+
+
+@dataclass
+class RangeAudit:
+    """Result of the FP32 range audit (goes into the manifest's ``fp16_audit``)."""
+
+    max_abs_activation: float
+    max_node: str
+    limit: float
+    margin: float
+    threshold: float
+    kept_fp32: list[str]
+    kept_reasons: dict[str, str]
+    nodes_audited: int
+    runs: int
+    fp16_max_abs_activation: float = 0.0
+    fp16_max_node: str = ""
+    top_nodes: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def session_options(disable_optimizations: bool = False) -> Any:
+    """ONNX Runtime session options honouring ``OMP_NUM_THREADS`` for the intra-op pool."""
+    import os
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if disable_optimizations:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def with_all_outputs(model: Any) -> tuple[Any, dict[str, str]]:
+    """A copy of ``model`` whose float node outputs are all graph outputs.
+
+    Returns:
+        The copy and a map from exposed tensor name to the node that produces it.
+    """
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)
+    }
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {o.name for o in exposed.graph.output}
+    producer: dict[str, str] = {}
+    for node in exposed.graph.node:
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if not out or types.get(out) not in _FLOAT_TYPES:
+                continue
+            producer[out] = node.name
+            if out not in existing:
+                exposed.graph.output.append(
+                    onnx.helper.make_tensor_value_info(out, types[out], None)
+                )
+    return exposed, producer
+
+
+def node_max_abs(
+    model: Any, feeds: Sequence[dict[str, np.ndarray]]
+) -> tuple[dict[str, float], list[str]]:
+    """Max |activation| per node over all ``feeds`` and the nodes with non-finite outputs."""
+    import onnxruntime as ort
+
+    exposed, producer = with_all_outputs(model)
+    session = ort.InferenceSession(
+        exposed.SerializeToString(),
+        sess_options=session_options(disable_optimizations=True),
+        providers=["CPUExecutionProvider"],
+    )
+    names = [o.name for o in session.get_outputs() if o.name in producer]
+    peak: dict[str, float] = {}
+    nonfinite: set[str] = set()
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            node = producer[name]
+            arr = np.asarray(value, dtype=np.float32)
+            if arr.size == 0:
+                continue
+            if not np.all(np.isfinite(arr)):
+                nonfinite.add(node)
+                arr = arr[np.isfinite(arr)]
+                if arr.size == 0:
+                    continue
+            peak[node] = max(peak.get(node, 0.0), float(np.max(np.abs(arr))))
+    return peak, sorted(nonfinite)
+
+
+def l2_norm_nodes(model: Any) -> dict[str, str]:
+    """Nodes of an L2 normalisation: ReduceL2 / ReduceSumSquare, and Pow -> ReduceSum -> Sqrt."""
+    nodes = list(model.graph.node)
+    by_output = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    found: dict[str, str] = {}
+    for n in nodes:
+        if n.op_type in ("ReduceL2", "ReduceSumSquare"):
+            found[n.name] = f"L2 normalisation ({n.op_type})"
+        elif n.op_type == "ReduceSum":
+            src = by_output.get(n.input[0])
+            if src is not None and src.op_type in ("Pow", "Mul"):
+                found[src.name] = "L2 normalisation (squares)"
+                found[n.name] = "L2 normalisation (sum of squares)"
+                for nxt in consumers.get(n.output[0], []):
+                    if nxt.op_type == "Sqrt":
+                        found[nxt.name] = "L2 normalisation (sqrt)"
+    return found
+
+
+def audit_fp32(
+    model: Any,
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    limit: float = FP16_MAX,
+    margin: float = DEFAULT_MARGIN,
+) -> RangeAudit:
+    """Range audit of the FP32 graph: which nodes must stay FP32.
+
+    Args:
+        model: FP32 ``onnx.ModelProto`` with named nodes.
+        feeds: ONNX Runtime input dicts (real slices x prompts).
+        limit: FP16 largest finite value.
+        margin: Fraction of ``limit`` above which a node stays FP32.
+
+    Raises:
+        ExportError: The FP32 graph itself produces non-finite values.
+    """
+    peak, nonfinite = node_max_abs(model, feeds)
+    if nonfinite:
+        raise ExportError(
+            f"the FP32 graph produces non-finite activations on real slices at nodes "
+            f"{nonfinite[:5]}; the model itself is broken, FP16 conversion is meaningless"
+        )
+    threshold = limit * margin
+    reasons = {name: f"max |x| {value:.4g} > {threshold:.4g}" for name, value in peak.items()}
+    kept = {name: reasons[name] for name, value in peak.items() if value > threshold}
+    for name, why in l2_norm_nodes(model).items():
+        kept.setdefault(name, why)
+    max_node = max(peak, key=peak.get) if peak else ""
+    top = sorted(peak.items(), key=lambda kv: -kv[1])[:10]
+    return RangeAudit(
+        max_abs_activation=float(peak.get(max_node, 0.0)),
+        max_node=max_node,
+        limit=limit,
+        margin=margin,
+        threshold=threshold,
+        kept_fp32=sorted(kept),
+        kept_reasons=dict(sorted(kept.items())),
+        nodes_audited=len(peak),
+        runs=len(feeds),
+        top_nodes=[{"node": n, "max_abs": v} for n, v in top],
+    )
+
+
+def convert_fp16(model: Any, kept_fp32: Sequence[str]) -> Any:
+    """FP16 graph with float32 I/O; the ``kept_fp32`` nodes stay FP32 (Casts around them)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    converted = float16.convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        node_block_list=list(kept_fp32),
+        max_finite_val=FP16_MAX,
+        min_positive_val=1e-7,
+    )
+    onnx.checker.check_model(converted)
+    return converted
+
+
+def audit_fp16(model16: Any, feeds: Sequence[dict[str, np.ndarray]], audit: RangeAudit) -> None:
+    """Re-audit the converted graph; fill ``audit.fp16_*`` or raise on overflow.
+
+    Raises:
+        ExportError: a tensor of the FP16 graph is non-finite or reaches the FP16 limit even
+            with the audited nodes kept in FP32.
+    """
+    peak, nonfinite = node_max_abs(model16, feeds)
+    over = sorted(name for name, value in peak.items() if value >= audit.limit)
+    if nonfinite or over:
+        raise ExportError(
+            f"FP16 graph overflows even with {len(audit.kept_fp32)} nodes kept in FP32: "
+            f"non-finite at {nonfinite[:5]}, |x| >= {audit.limit:g} at {over[:5]}; "
+            f"export without --fp16 or lower the audit margin"
+        )
+    if peak:
+        node = max(peak, key=peak.get)
+        audit.fp16_max_abs_activation = float(peak[node])
+        audit.fp16_max_node = node

@@ -1,0 +1,130 @@
+"""Calibrate the prompt refusal threshold (cosine to the nearest cached embedding).
+
+Accept side: held-out phrasings and free-form clinical phrasings, each compared with the cache
+*without itself* (leave-one-out: a phrasing the cache holds is served from the cache anyway).
+Refuse side: :data:`OFF_TARGET`, requests for anatomy or tasks the model was never trained on.
+The threshold is the midpoint of the gap between the two sides, or, where they overlap, the
+middle of the range that maximises balanced accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from promptseg.export.prompt_cache import PromptCache, normalize_prompt
+
+from promptseg.prompts import FREE_FORM, PromptVocabulary
+
+OFF_TARGET: tuple[str, ...] = (
+    "segment the heart",
+    "lung nodule",
+    "left femur",
+    "what is the weather",
+    "aorta",
+    "pancreas",
+    "gallbladder",
+    "brain ventricles",
+    "Outline the urinary bladder",
+    "Find the stomach",
+    "delineate the prostate gland",
+    "segment the lumbar vertebrae",
+    "show me the pulmonary embolism",
+    "contour the thyroid gland",
+    "Identify the colon",
+    "translate this sentence into French",
+    "count the red blood cells",
+    "the right lung",
+)
+
+
+def nearest_cosine(
+    queries: np.ndarray, query_prompts: list[str], cache: PromptCache, leave_one_out: bool
+) -> np.ndarray:
+    """Cosine of each query (Q, E) to its nearest cache embedding; optionally skip itself."""
+    keys = cache.embedding / np.linalg.norm(cache.embedding, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = q @ keys.T
+    if leave_one_out:
+        norm_keys = [normalize_prompt(p) for p in cache.prompts]
+        for i, prompt in enumerate(query_prompts):
+            own = normalize_prompt(prompt)
+            sims[i, [j for j, k in enumerate(norm_keys) if k == own]] = -np.inf
+    return sims.max(axis=1)
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    return {
+        "n": int(values.size),
+        "min": float(values.min()),
+        "p05": float(np.percentile(values, 5)),
+        "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)),
+        "max": float(values.max()),
+    }
+
+
+def choose_threshold(accept: np.ndarray, refuse: np.ndarray) -> tuple[float, float, bool]:
+    """(threshold, balanced accuracy, separable). Scores >= threshold are accepted."""
+    if accept.min() > refuse.max():
+        return float((accept.min() + refuse.max()) / 2.0), 1.0, True
+    values = np.unique(np.concatenate([accept, refuse]))
+    candidates = np.concatenate([[values[0] - 1e-6], (values[1:] + values[:-1]) / 2.0])
+    scores = np.array(
+        [((accept >= t).mean() + (refuse < t).mean()) / 2.0 for t in candidates], dtype=np.float64
+    )
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    lo, hi = candidates[best[0]], candidates[best[-1]]
+    threshold = float((lo + hi) / 2.0)
+    balanced = ((accept >= threshold).mean() + (refuse < threshold).mean()) / 2.0
+    return threshold, float(balanced), False
+
+
+def calibrate_refusal(
+    cache: PromptCache,
+    vocab: PromptVocabulary,
+    embed: Callable[[list[str]], np.ndarray],
+    encoder_label: str,
+) -> dict[str, Any]:
+    """The manifest's ``prompt_refusal`` entry.
+
+    Args:
+        cache: The prompt cache (torch embeddings, as shipped).
+        vocab: The checkpoint's vocabulary (held-out phrasings).
+        embed: Query embedding function, the shipped ``text_encoder.onnx``: prompts -> (N, E).
+        encoder_label: Which encoder ``embed`` runs (recorded).
+    """
+    heldout = [p for t in vocab.targets for p in vocab.heldout_prompts(t)]
+    free = [p for t in vocab.targets for p in FREE_FORM.get(t, [])]
+    accept_prompts = list(dict.fromkeys(heldout + free))
+    accept = nearest_cosine(embed(accept_prompts), accept_prompts, cache, leave_one_out=True)
+    refuse = nearest_cosine(embed(list(OFF_TARGET)), list(OFF_TARGET), cache, leave_one_out=False)
+    threshold, balanced, separable = choose_threshold(accept, refuse)
+    acc_s, ref_s = _summary(accept), _summary(refuse)
+    rule = (
+        "midpoint of the gap between the lowest accepted and the highest refused score"
+        if separable
+        else "middle of the threshold range maximising balanced accuracy (the sides overlap)"
+    )
+    how = (
+        f"cosine of the {encoder_label} query embedding to its nearest cached embedding; "
+        f"accept side: {len(heldout)} held-out + {len(free)} free-form phrasings, leave-one-out "
+        f"(min {acc_s['min']:.3f}, median {acc_s['median']:.3f}); refuse side: {len(OFF_TARGET)} "
+        f"off-target requests (median {ref_s['median']:.3f}, max {ref_s['max']:.3f}); "
+        f"threshold = {rule}; balanced accuracy {balanced:.3f}; refuse when below"
+    )
+    worst_accept = [accept_prompts[i] for i in np.argsort(accept)[:3]]
+    worst_refuse = [OFF_TARGET[i] for i in np.argsort(-refuse)[:3]]
+    return {
+        "metric": "cosine",
+        "threshold": threshold,
+        "how": how,
+        "separable": separable,
+        "balanced_accuracy": balanced,
+        "accept": {**acc_s, "lowest": worst_accept},
+        "refuse": {**ref_s, "highest": worst_refuse},
+        "accepted_wrongly": int((refuse >= threshold).sum()),
+        "refused_wrongly": int((accept < threshold).sum()),
+        "off_target": list(OFF_TARGET),
+    }

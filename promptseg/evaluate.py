@@ -1,0 +1,238 @@
+"""``promptseg evaluate``: per-case metrics, summary.json and an overlay grid for one dataset.
+
+Cases: a CHAOS or LiTS volume is one case (3D metrics on the native grid, spacing in mm); a
+brain tumour or BTCV slice is one case (2D metrics; distances in pixels since PNGs carry no
+spacing). Every target a case annotates is prompted. Present targets give metric rows; absent
+ones are scored slice by slice as "answered with an empty mask" or not.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
+from promptseg.data.bank import DOMAIN
+from promptseg.data.datasets import Case, load_cases
+from promptseg.metrics import segmentation_metrics
+from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
+
+METRIC_KEYS = ("dice", "iou", "precision", "recall", "f1", "pixel_accuracy", "hd", "hd95",
+               "kappa", "ap")
+
+
+class Predictor:
+    """Checkpoint -> probabilities on a case's native grid, one prompt embedding at a time."""
+
+    def __init__(self, loaded: LoadedCheckpoint, batch: int = 16) -> None:
+        self.loaded = loaded
+        self.batch = batch
+        self._encoder = None
+
+    def embedding(self, prompt: str) -> torch.Tensor:
+        """(E,) embedding from the checkpoint's cache, else from the text encoder."""
+        emb = self.loaded.embedding(prompt)
+        if emb is None:
+            if self._encoder is None:
+                from promptseg.model.text import TextEncoder
+
+                self._encoder = TextEncoder(self.loaded.text_encoder["name"])
+            emb = self._encoder([prompt])[0]
+        return emb
+
+    @torch.no_grad()
+    def predict(self, slices: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """Normalised slices (Z, H, W) in [0, 1] -> probabilities (K, Z, H, W) for K prompts."""
+        res = self.loaded.config.resolution
+        small = torch.from_numpy(resize_bilinear(slices, (res, res)))[:, None]
+        film = self.loaded.model.film(torch.stack([self.embedding(p) for p in prompts]))
+        z = small.shape[0]
+        pairs = [(k, i) for k in range(len(prompts)) for i in range(z)]
+        logits = np.zeros((len(prompts), z, res, res), np.float32)
+        for start in range(0, len(pairs), self.batch):
+            chunk = pairs[start : start + self.batch]
+            images = small[[i for _, i in chunk]]
+            films = film[[k for k, _ in chunk]]
+            out = self.loaded.model.unet(images, films)[:, 0].numpy()
+            for (k, i), o in zip(chunk, out):
+                logits[k, i] = o
+        return np.stack([logits_to_probability(lg, slices.shape[1:]) for lg in logits])
+
+
+@dataclass
+class _Prompting:
+    mode: str
+    seed: int = 0
+
+    def prompt(self, loaded: LoadedCheckpoint, target: str, case_id: str) -> str:
+        vocab = loaded.vocabulary
+        if self.mode == "canonical":
+            return vocab.canonical(target)
+        pool = vocab.train_prompts(target) if self.mode == "train" else vocab.heldout_prompts(target)
+        return random.Random(f"{self.seed}:{case_id}:{target}").choice(pool)
+
+
+def _kidney_overlap(pred: np.ndarray, case: Case) -> dict[str, float]:
+    """Fraction of predicted voxels inside the left / right kidney truth."""
+    total = max(int(pred.sum()), 1)
+    return {"left": float((pred & case.masks["left kidney"]).sum() / total),
+            "right": float((pred & case.masks["right kidney"]).sum() / total)}
+
+
+def _fmt(v: object) -> object:
+    return round(v, 6) if isinstance(v, float) else v
+
+
+def evaluate(checkpoint: str | Path, data: Path, dataset: str, out: Path, *,
+             split: str | None = None, prompt_set: str = "canonical", batch: int = 16,
+             threads: int = 2, threshold: float = 0.5, max_cases: int = 0,
+             progress: bool = True) -> dict:
+    """Evaluate every case of ``data`` (or one split); write cases.csv, summary.json, PNG grid."""
+    torch.set_num_threads(threads)
+    started = time.time()
+    loaded = load_checkpoint(checkpoint)
+    predictor = Predictor(loaded, batch)
+    prompting = _Prompting(prompt_set)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    absent: list[dict] = []
+    kidney: dict[str, list[dict[str, float]]] = {"left kidney": [], "right kidney": []}
+    samples: list[dict] = []
+    cases = load_cases(dataset, Path(data), split)
+    for n, case in enumerate(tqdm(cases, desc=f"evaluate {dataset}", disable=not progress)):
+        if max_cases and n >= max_cases:
+            break
+        targets = [t for t in case.masks if t in loaded.vocabulary.targets]
+        prompts = [prompting.prompt(loaded, t, case.case_id) for t in targets]
+        slices = normalize(case.image, case.modality, loaded.preprocessing)
+        probs = predictor.predict(slices, prompts)
+        for target, prompt, prob in zip(targets, prompts, probs):
+            pred = prob > threshold
+            truth = case.masks[target]
+            if truth.any():
+                m = segmentation_metrics(pred if case.is_volume else pred[0],
+                                         truth if case.is_volume else truth[0],
+                                         case.spacing if case.is_volume else case.spacing[1:],
+                                         prob if case.is_volume else prob[0])
+                row = {"case": case.case_id, "target": target, "prompt": prompt,
+                       **{k: m.get(k, float("nan")) for k in METRIC_KEYS},
+                       "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum())}
+                rows.append(row)
+                z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
+                samples.append({"row": row, "image": slices[z], "pred": pred[z],
+                                "truth": truth[z]})
+                if target in kidney and "left kidney" in case.masks:
+                    kidney[target].append(_kidney_overlap(pred, case))
+            for z in np.flatnonzero(~truth.reshape(truth.shape[0], -1).any(1)):
+                absent.append({"case": case.case_id, "slice": int(z), "target": target,
+                               "empty": bool(not pred[z].any()),
+                               "same_domain": target in DOMAIN[case.dataset]})
+    summary = _summarise(rows, absent, kidney, loaded, dataset, split, prompt_set, threshold)
+    summary["seconds"] = round(time.time() - started, 1)
+    _write_csv(rows, out / "cases.csv")
+    _write_csv(absent, out / "absent.csv")
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+    if samples:
+        overlay_grid(samples, out / "overlays.png")
+    return summary
+
+
+def _summarise(rows: list[dict], absent: list[dict], kidney: dict, loaded: LoadedCheckpoint,
+               dataset: str, split: str | None, prompt_set: str, threshold: float) -> dict:
+    targets: dict[str, dict] = {}
+    for target in loaded.vocabulary.targets:
+        sel = [r for r in rows if r["target"] == target]
+        if not sel:
+            continue
+        entry: dict = {"n": len(sel)}
+        for key in METRIC_KEYS:
+            vals = np.array([r[key] for r in sel], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            entry[f"{key}_mean"] = float(vals.mean()) if vals.size else None
+            entry[f"{key}_std"] = float(vals.std()) if vals.size else None
+        targets[target] = entry
+    by_target = {}
+    for target in sorted({a["target"] for a in absent}):
+        sel = [a["empty"] for a in absent if a["target"] == target]
+        by_target[target] = {"empty_rate": float(np.mean(sel)), "n": len(sel)}
+    same = [a["empty"] for a in absent if a["same_domain"]]
+    confusion = {t: ({k: float(np.mean([o[k] for o in v])) for k in ("left", "right")}
+                     if v else None) for t, v in kidney.items()}
+    dice_means = [t["dice_mean"] for t in targets.values() if t["dice_mean"] is not None]
+    return {
+        "checkpoint": str(loaded.path),
+        "dataset": dataset,
+        "split": split or "all",
+        "prompt_set": prompt_set,
+        "threshold": threshold,
+        "targets": targets,
+        "mean_dice": float(np.mean(dice_means)) if dice_means else None,
+        "absent_empty_rate": float(np.mean([a["empty"] for a in absent])) if absent else None,
+        "absent_n": len(absent),
+        "absent_same_domain_empty_rate": float(np.mean(same)) if same else None,
+        "absent_same_domain_n": len(same),
+        "absent_by_target": by_target,
+        "kidney_confusion": confusion,
+        "vocabulary_sha256": loaded.vocabulary.sha256(),
+    }
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
+    tmp.replace(path)
+
+
+def pick_samples(samples: list[dict], per_target: int = 3) -> list[dict]:
+    """Rule-based picks per target: best, median and worst Dice (failure cases included)."""
+    picked = []
+    for target in dict.fromkeys(s["row"]["target"] for s in samples):
+        sel = sorted((s for s in samples if s["row"]["target"] == target),
+                     key=lambda s: s["row"]["dice"])
+        idx = sorted({len(sel) - 1, len(sel) // 2, 0})[::-1][:per_target]
+        picked += [sel[i] for i in idx]
+    return picked
+
+
+def overlay_grid(samples: list[dict], path: Path, per_target: int = 3) -> Path:
+    """PNG grid: input | prediction | truth | overlay (prediction red, truth green, both yellow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = pick_samples(samples, per_target)
+    fig, axes = plt.subplots(len(picked), 4, figsize=(10, 2.6 * len(picked)), squeeze=False)
+    for ax_row, s in zip(axes, picked):
+        img = s["image"]
+        rgb = np.repeat(img[..., None], 3, axis=-1) * 0.7
+        rgb[..., 0] = np.where(s["pred"], 1.0, rgb[..., 0])
+        rgb[..., 1] = np.where(s["truth"], 1.0, rgb[..., 1])
+        tiles = [img, s["pred"], s["truth"], rgb]
+        titles = ["input", "prediction", "truth", f"dice {s['row']['dice']:.3f}"]
+        for ax, tile, title in zip(ax_row, tiles, titles):
+            ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        ax_row[0].set_title(f"{s['row']['case']} | {s['row']['target']}", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,314 @@
+"""INT8 calibration data, Q/DQ quantisation and the parity CLI, on real data and a real export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from promptseg.data.datasets import DATASET_FOLDERS, load_cases, load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_ROWS = ["pytorch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def fitted_checkpoint(tmp_path_factory, tiny_checkpoint, data_root) -> Path:
+    """The tiny checkpoint fitted for a few steps on real BTCV train slices.
+
+    An untrained model's logits vary by less than one INT8 step across a slice, so its masks
+    (all empty) would make any Dice comparison pass trivially; a briefly fitted one segments.
+    """
+    import torch
+
+    from promptseg.checkpoint import load_checkpoint, save_checkpoint
+    from promptseg.data.bank import build_bank
+    from promptseg.losses import build_loss
+
+    torch.manual_seed(0)
+    loaded = load_checkpoint(tiny_checkpoint)
+    bank = build_bank(data_root, ["btcv-ct"], "train", loaded.preprocessing, progress=False)
+    positives = bank.positives()
+    emb = {t: loaded.prompt_embeddings[loaded.vocabulary.canonical(t)] for t in bank_targets(bank)}
+    model = loaded.model.train()
+    # Only the UNet learns: the FiLM generator (and so the prompt cache) stays as exported.
+    opt = torch.optim.Adam(model.unet.parameters(), lr=1e-2)
+    loss_fn = build_loss("dice_bce")
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        chunk = [positives[i] for i in rng.choice(len(positives), 16, replace=False)]
+        images = torch.from_numpy(bank.images[[s.image for s in chunk]])[:, None]
+        masks = torch.from_numpy(bank.masks[[s.mask for s in chunk]])[:, None].float()
+        loss = loss_fn(model(images, torch.stack([emb[s.target] for s in chunk])), masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return save_checkpoint(
+        tmp_path_factory.mktemp("fitted") / "tiny_fitted.pt",
+        model,
+        text_encoder=loaded.text_encoder,
+        vocabulary=loaded.vocabulary,
+        preprocessing=loaded.preprocessing,
+        prompt_embeddings=loaded.prompt_embeddings,
+        train={"note": "tiny model fitted 60 steps on BTCV train slices (tests)"},
+    )
+
+
+def bank_targets(bank) -> list[str]:
+    return sorted({s.target for s in bank.positives()})
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory, fitted_checkpoint, data_root) -> Path:
+    """A real export of the fitted tiny model with FP16 and INT8 graphs."""
+    from promptseg.export import export_model
+
+    out = tmp_path_factory.mktemp("engine") / "tiny"
+    export_model(fitted_checkpoint, out, fp16=True, int8=True, calib_data=data_root,
+                 data_root=data_root, progress=False)  # fmt: skip
+    return out
+
+
+def _val_ids(data_root: Path) -> set[str]:
+    """Case-id prefixes of every validation case (brain/N, chaos/P, btcv/15/)."""
+    splits = load_splits()
+    ids = {f"brain/{n}" for n in splits["brain-tumor"]["val"]}
+    ids |= {f"chaos/{p}" for p in splits["chaos-mr"]["val"]}
+    ids |= {f"btcv/{v}" for v in splits["btcv-ct"]["val"]}
+    return ids
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+@pytest.mark.slow
+def test_calibration_set_is_deterministic_balanced_and_train_only(engine_dir, data_root):
+    from promptseg.calibration.data import (
+        build_calibration_set,
+        film_for,
+        is_train_sample,
+        read_prompt_cache,
+    )
+
+    a = build_calibration_set(data_root, engine_dir, n=48, seed=0, resolution=32)
+    b = build_calibration_set(data_root, engine_dir, n=48, seed=0, resolution=32)
+    c = build_calibration_set(data_root, engine_dir, n=48, seed=1, resolution=32)
+    assert a.image.shape == (48, 1, 32, 32) and a.image.dtype == np.float32
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.film, b.film)
+    assert list(a.prompt) == list(b.prompt) and list(a.case_id) == list(b.case_id)
+    assert list(a.case_id) != list(c.case_id) or not np.array_equal(a.image, c.image)
+    # Train split only: no validation patient, volume, brain block or LiTS slice >= 88.
+    val = _val_ids(data_root)
+    for s in (a, c):
+        for case, z, kind in zip(s.case_id, s.slice_index, s.dataset):
+            assert "/".join(str(case).split("/")[:2]) not in val, case
+            assert is_train_sample(str(kind), str(case), int(z))
+        lits = s.slice_index[s.dataset == "lits-ct"]
+        assert lits.size and lits.max() < load_splits()["lits-ct"]["train"]["slices"][1]
+    # Balanced over the four datasets (12 each), mostly present targets, some absent.
+    assert {str(k): int((a.dataset == k).sum()) for k in np.unique(a.dataset)} == {
+        "brain-tumor": 12, "btcv-ct": 12, "chaos-mr": 12, "lits-ct": 12,
+    }  # fmt: skip
+    assert 0.55 <= a.present.mean() <= 0.95
+    assert len(set(a.target[a.dataset == "chaos-mr"])) >= 3
+    # Slices are normalised images; FiLM rows are exactly the cached vectors of the prompts.
+    assert 0.0 <= a.image.min() and a.image.max() <= 1.0 and a.image.std() > 0.05
+    cache = read_prompt_cache(engine_dir)
+    for prompt, film, target in zip(a.prompt, a.film, a.target):
+        assert np.array_equal(film, film_for(cache, str(prompt)))
+        assert cache.targets[cache.prompts.index(str(prompt))] == target
+    # Truth check of "present": the slice's mask for that target is non-empty.
+    case = next(iter(load_cases("chaos-mr", data_root / DATASET_FOLDERS["chaos-mr"], "train")))
+    sel = [i for i, cid in enumerate(a.case_id) if cid == case.case_id]
+    for i in sel:
+        assert bool(case.masks[str(a.target[i])][int(a.slice_index[i])].any()) == a.present[i]
+
+
+@pytest.mark.slow
+def test_calibration_npz_roundtrip_and_reader(engine_dir, data_root, tmp_path):
+    from promptseg.calibration.data import CalibrationSet, build_calibration_set
+
+    calib = build_calibration_set(data_root, engine_dir, n=10, seed=3, resolution=32)
+    path = calib.save(tmp_path / "calib.npz")
+    again = CalibrationSet.load(path)
+    assert np.array_equal(again.image, calib.image) and np.array_equal(again.film, calib.film)
+    assert list(again.prompt) == list(calib.prompt) and again.seed == 3
+    reader = again.reader(batch_size=4)
+    batches = []
+    while (batch := reader.get_next()) is not None:
+        batches.append(batch)
+    assert (
+        [b["image"].shape[0] for b in batches] == [4, 4, 2] == [b["film"].shape[0] for b in batches]
+    )
+    reader.set_range(1, 2)
+    assert reader.get_next()["image"].shape[0] == 4 and reader.get_next() is None
+    np.savez(tmp_path / "other.npz", image=np.zeros(3))
+    with pytest.raises(ValueError, match="other.npz"):
+        CalibrationSet.load(tmp_path / "other.npz")
+
+
+@pytest.mark.slow
+def test_resolve_calibration_checks_the_graph(engine_dir, data_root, tmp_path):
+    from promptseg.calibration.data import CalibrationSet, resolve_calibration
+
+    calib = resolve_calibration(data_root, engine_dir / "model.onnx", n=8, seed=0)
+    assert calib.resolution == 32 and len(calib) == 8
+    wrong = CalibrationSet(calib.image, calib.film[:, :-1], calib.case_id, calib.slice_index,
+                           calib.dataset, calib.target, calib.prompt, calib.present)  # fmt: skip
+    with pytest.raises(ValueError, match=r"P=\d+ but .*model\.onnx expects P="):
+        resolve_calibration(wrong, engine_dir / "model.onnx")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        resolve_calibration(None, engine_dir / "model.onnx")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        resolve_calibration(tmp_path / "nowhere", engine_dir / "model.onnx")
+
+
+# --------------------------------------------------------------------------- quantisation
+
+
+def _val_feeds(
+    engine_dir: Path, data_root: Path, n: int = 24
+) -> tuple[list[dict], list[np.ndarray]]:
+    """Real BTCV validation slices with the canonical prompt of each present organ."""
+    from promptseg.calibration.data import film_for, read_prompt_cache
+
+    from promptseg.preprocess import Preprocessing, normalize, resize_bilinear
+
+    cache = read_prompt_cache(engine_dir)
+    pre = Preprocessing(resolution=32)
+    feeds, truths = [], []
+    for case in load_cases("btcv-ct", data_root / DATASET_FOLDERS["btcv-ct"], "val"):
+        small = resize_bilinear(normalize(case.image, case.modality, pre), (32, 32))[:, None]
+        for target, mask in case.masks.items():
+            if mask.any() and len(feeds) < n:
+                film = film_for(cache, f"Segment the {target}")[None]
+                feeds.append({"image": small.astype(np.float32), "film": film})
+                truths.append(resize_bilinear(mask[0].astype(np.float32), (32, 32)) > 0.5)
+    return feeds, truths
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    den = a.sum() + b.sum()
+    return 1.0 if den == 0 else 2.0 * float((a & b).sum()) / float(den)
+
+
+@pytest.mark.slow
+def test_quantize_int8_writes_a_symmetric_qdq_graph_close_to_fp32(engine_dir, data_root, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from promptseg.calibration import build_calibration_set, quantize_int8
+
+    calib = build_calibration_set(data_root, engine_dir, n=64, seed=0, resolution=32)
+    out = tmp_path / "model.int8.onnx"
+    report = quantize_int8(engine_dir / "model.onnx", out, calib, method="minmax")
+    assert report["n_samples"] == 64 and report["method"] == "minmax"
+    assert report["quantize_linear"] > 10 and report["nodes_quantized"] > 10
+    assert report["quantized_op_types"].get("Conv", 0) >= 10
+    model = onnx.load(str(out))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert [i.name for i in model.graph.input] == ["image", "film"]
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    inits = {t.name: t for t in model.graph.initializer}
+    zero_points = [n.input[2] for n in model.graph.node
+                   if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]  # fmt: skip
+    assert zero_points
+    for name in zero_points:
+        zp = numpy_helper.to_array(inits[name])
+        assert zp.dtype == np.int8 and not zp.any(), f"{name} is not symmetric"
+    # ORT runs the Q/DQ graph; its masks agree with FP32 on real validation slices.
+    fp32 = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds, truths = _val_feeds(engine_dir, data_root)
+    agree, d32, d8 = [], [], []
+    for feed, truth in zip(feeds, truths):
+        a = fp32.run(None, feed)[0][0, 0] > 0
+        b = int8.run(None, feed)[0][0, 0] > 0
+        if a.any():
+            agree.append(_dice(a, b))
+        d32.append(_dice(a, truth))
+        d8.append(_dice(b, truth))
+    assert len(agree) >= len(feeds) // 2, "the fitted FP32 model should segment most organs"
+    assert np.mean(d32) > 0.3, f"fitted FP32 model Dice {np.mean(d32):.3f}"
+    assert np.mean(agree) >= INT8_AGREEMENT, f"INT8 vs FP32 mask Dice {np.mean(agree):.3f}"
+    assert abs(np.mean(d8) - np.mean(d32)) <= INT8_DICE_DROP
+
+
+INT8_AGREEMENT = 0.85
+INT8_DICE_DROP = 0.05
+
+
+def test_quantize_int8_rejects_unknown_method(tmp_path):
+    from promptseg.calibration import quantize_int8
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'.*minmax"):
+        quantize_int8(tmp_path / "model.onnx", tmp_path / "out.onnx", None, method="kl")
+
+
+def test_modelopt_quantize_names_the_extra_when_missing(tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("nvidia-modelopt is installed here; the missing-package path cannot run")
+    from promptseg.calibration import modelopt_quantize
+
+    with pytest.raises(ImportError, match=r"nvidia-modelopt\[onnx\]"):
+        modelopt_quantize(tmp_path / "model.onnx", tmp_path / "out.onnx", None)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.slow
+def test_parity_cli_writes_all_four_rows(engine_dir, fitted_checkpoint, data_root, tmp_path):
+    out = tmp_path / "parity"
+    cmd = [sys.executable, "-m", "promptseg.calibration.parity", str(engine_dir),
+           "--checkpoint", str(fitted_checkpoint), "--data-root", str(data_root),
+           "--max-cases", "2", "--datasets", "btcv-ct", "chaos-mr", "--threads", "1",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads((out / "parity.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == PARITY_ROWS
+    assert all(r["status"] == "ok" for r in rows.values()), [r["reason"] for r in rows.values()]
+    assert report["reference"] == "pytorch-fp32" and rows["pytorch-fp32"]["reference"]
+    assert report["datasets"] == {"btcv-ct": 2, "chaos-mr": 2}
+    # The FP32 graph must reproduce PyTorch exactly up to the tolerance, per target.
+    fp32 = rows["onnxruntime-fp32"]
+    assert fp32["pass"] is True and fp32["max_abs_delta"] <= 0.005
+    assert set(fp32["dice"]) == set(rows["pytorch-fp32"]["dice"]) >= {"liver"}
+    assert all(v >= 0.99 for v in fp32["agreement_with_reference"].values())
+    # Exit status follows the pass flags; the Markdown table lists every row.
+    failed = [r["name"] for r in rows.values() if r["pass"] is False]
+    assert proc.returncode == (1 if failed else 0)
+    assert report["passed"] is (not failed)
+    md = (out / "parity.md").read_text()
+    assert md.count("\n| ") >= 5 and "PyTorch FP32" in md and "INT8 Q/DQ graph" in md
+    again = subprocess.run([*cmd, "--no-fail"], capture_output=True, text=True, cwd=REPO,
+                           timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+
+def test_parity_cli_rejects_a_missing_engine(tmp_path, data_root):
+    proc = subprocess.run(
+        [sys.executable, "-m", "promptseg.calibration.parity", str(tmp_path / "none"),
+         "--data-root", str(data_root), "--out", str(tmp_path / "p")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "none" in proc.stderr and "parity: error" in proc.stderr
+    assert not (tmp_path / "p" / "parity.json").exists()
