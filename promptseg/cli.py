@@ -68,6 +68,18 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", nargs="+", default=["small", "paper"])
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Markdown tables from evaluate output folders")
+    p.add_argument("eval_dirs", nargs="+", type=Path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from promptseg.report import summary_table
+
+    print(summary_table(args.eval_dirs), end="")
+    return 0
+
+
 def _load_config_file(path: Path) -> dict:
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
@@ -136,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_evaluate(sub)
     _add_info(sub)
+    _add_report(sub)
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, ValueError) as exc:

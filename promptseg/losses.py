@@ -204,6 +204,31 @@ class DiceBCELoss(nn.Module):
         return self.dice_weight * dice + self.bce_weight * bce
 
 
+class PositiveDiceBCELoss(nn.Module):
+    """Dice on the samples whose target is non-empty, plus BCE on every sample.
+
+    For prompted training with absent-target prompts (empty masks): per-sample soft Dice on an
+    empty target is ~1 as soon as any probability mass appears, so a batch with negatives pulls
+    the network into the trivial "predict nothing" minimum before it has learned to read the
+    prompt. Here the empty samples are taught by BCE alone. Registered as ``dice_bce_pos``.
+    """
+
+    def __init__(self, bce_weight: float = 1.0, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.bce_weight = _check_non_negative("bce_weight", bce_weight)
+        self.smooth = _check_non_negative("smooth", smooth)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return the scalar loss for logits and target (B, 1, H, W)."""
+        tp, fp, fn = _soft_counts(logits, target)
+        positive = _per_sample_sum(target) > 0
+        bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+        if not bool(positive.any()):
+            return self.bce_weight * bce
+        dice = (2.0 * tp + self.smooth) / (2.0 * tp + fp + fn + self.smooth)
+        return (1.0 - dice[positive]).mean() + self.bce_weight * bce
+
+
 class FocalLoss(nn.Module):
     """Binary focal loss (Lin et al. 2017) on logits, pixel mean.
 
@@ -360,6 +385,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "jaccard": JaccardLoss,
     "tversky": TverskyLoss,
     "dice_bce": DiceBCELoss,
+    "dice_bce_pos": PositiveDiceBCELoss,
     "focal": FocalLoss,
     "boundary": BoundaryLoss,
     "hausdorff": HausdorffDTLoss,

@@ -201,8 +201,7 @@ def run(
     summaries: list[dict[str, Any]] = []
     bar = None
     with _open_engine(backend, folder, precision, threads) as eng:
-        for note in eng.notes:
-            say(f"note: {note}")
+        say(f"backend: {eng.backend} ({eng.precision}; {', '.join(eng.providers)})")
         for i, (inp, out) in enumerate(zip(paths, outputs)):
             if i in loaded:
                 image, notes, t_read = loaded.pop(i)
@@ -249,6 +248,7 @@ def run(
                 say(f"warning: {inp}: {w}")
             summary = _summary(inp, out, sidecar, image, result, eng, folder, t_read, t_write)
             summary["warnings"] = warnings_list
+            summary["backend_notes"] = list(eng.notes)
             if i == 0:
                 summary["seconds"]["setup"] = round(setup, 4)
             summaries.append(summary)

@@ -117,7 +117,14 @@ def test_model_is_rebuilt_from_the_file_alone(saved):
         "print(ck.config.fusion, ck.config.cbam, ck.model.film.hidden[0].out_features)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(path.parent / "inputs.pt"), str(path.parent / "out.pt")],
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(path),
+            str(path.parent / "inputs.pt"),
+            str(path.parent / "out.pt"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

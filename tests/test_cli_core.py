@@ -45,9 +45,7 @@ def test_info_prints_both_presets_with_parameter_counts():
     assert result.returncode == 0, result.stderr
     for name in ("small", "paper"):
         millions = count_parameters(UNet(preset_config(name))) / 1e6
-        line = next(
-            (ln for ln in result.stdout.splitlines() if ln.startswith(name)), None
-        )
+        line = next((ln for ln in result.stdout.splitlines() if ln.startswith(name)), None)
         assert line is not None, result.stdout
         assert f"{millions:.3f} M parameters" in line
         flops = re.search(r"([\d.]+) GFLOPs", line)

@@ -110,9 +110,7 @@ def test_heldout_prompts_content(vocab):
     assert "Please mark the spleen" in held  # training synonym x held-out template
     assert "Where is the splenic tissue?" in held  # both held out
     n_syn, n_held_syn = len(SYNONYMS["spleen"]), len(HELDOUT_SYNONYMS["spleen"])
-    assert len(held) == n_held_syn * len(TEMPLATES) + (n_syn + n_held_syn) * len(
-        HELDOUT_TEMPLATES
-    )
+    assert len(held) == n_held_syn * len(TEMPLATES) + (n_syn + n_held_syn) * len(HELDOUT_TEMPLATES)
 
 
 @pytest.mark.parametrize(
@@ -166,14 +164,10 @@ def test_vocabularies_do_not_share_lists():
     assert second.sha256() != first.sha256()
 
 
-@pytest.mark.parametrize(
-    ("side", "other"), [("left kidney", "right"), ("right kidney", "left")]
-)
+@pytest.mark.parametrize(("side", "other"), [("left kidney", "right"), ("right kidney", "left")])
 def test_renal_terms_carry_laterality(vocab, side, other):
     word = side.split()[0]
-    phrasings = (
-        vocab.synonyms[side] + vocab.heldout_synonyms[side] + FREE_FORM[side]
-    )
+    phrasings = vocab.synonyms[side] + vocab.heldout_synonyms[side] + FREE_FORM[side]
     for phrase in phrasings:
         assert word in phrase.split(), phrase
         assert other not in phrase, phrase

@@ -47,9 +47,7 @@ def test_masked_mean_pooling_matches_manual(text_encoder):
             attention_mask=mask,
             token_type_ids=torch.zeros_like(tokens["input_ids"]),
         ).last_hidden_state
-    manual = torch.stack(
-        [hidden[i, : int(mask[i].sum())].mean(dim=0) for i in range(len(prompts))]
-    )
+    manual = torch.stack([hidden[i, : int(mask[i].sum())].mean(dim=0) for i in range(len(prompts))])
     torch.testing.assert_close(text_encoder(prompts), manual, rtol=1e-5, atol=1e-6)
     # Padding positions are excluded: a plain mean over all positions differs.
     assert not torch.allclose(hidden[0].mean(dim=0), manual[0], atol=1e-4)

@@ -507,7 +507,9 @@ class Parser {
 
   Value number() {
     std::size_t start = pos_;
-    auto digit = [&](std::size_t i) { return i < text_.size() && text_[i] >= '0' && text_[i] <= '9'; };
+    auto digit = [&](std::size_t i) {
+      return i < text_.size() && text_[i] >= '0' && text_[i] <= '9';
+    };
     if (text_[pos_] == '-') {
       ++pos_;
     }

@@ -353,7 +353,8 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
                     "orientation.axcodes"),
         "orientation.axcodes");
     if (!m.preprocessing.orientation.empty() && m.preprocessing.orientation != m.axcodes) {
-      f.fail("orientation.axcodes", "\"" + m.axcodes + "\" disagrees with preprocessing.orientation \"" +
+      f.fail("orientation.axcodes", "\"" + m.axcodes +
+                                        "\" disagrees with preprocessing.orientation \"" +
                                         m.preprocessing.orientation + "\"");
     }
   } else if (!m.preprocessing.orientation.empty()) {

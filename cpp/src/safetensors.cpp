@@ -167,7 +167,8 @@ SafetensorsFile SafetensorsFile::parse(std::string bytes, const fs::path& path) 
     }
     t.begin = static_cast<std::uint64_t>(offsets->at(0).as_int());
     t.end = static_cast<std::uint64_t>(offsets->at(1).as_int());
-    if (numel > std::numeric_limits<std::uint64_t>::max() / item || t.end - t.begin != numel * item) {
+    const bool overflow = numel > std::numeric_limits<std::uint64_t>::max() / item;
+    if (overflow || t.end - t.begin != numel * item) {
       throw Error(at + "data_offsets span " + std::to_string(t.end - t.begin) + " bytes, " +
                   t.dtype + " shape needs " + std::to_string(numel * item));
     }

@@ -267,9 +267,12 @@ const std::vector<float> kFilm = {1.0f,  0.5f,  -0.25f, 3.0e-8f, 0.0f, 1.0f, 2.0
                                   1e30f, -1e-30f, 0.1f,  0.2f};
 const std::vector<float> kEmbedding = {0.6f, 0.8f, -1.0f, 0.0f, 0.25f, -0.75f};
 
+// The metadata "prompts" value as it appears inside the header JSON (escaped twice).
+const char* const kPromptsJson =
+    R"([\"Segment the liver\", \"left kidney\", \"caf\\u00e9 \\\"q\\\"\"])";
+
 std::string cache_header(const std::string& film_dtype = "F32",
-                         const std::string& prompts =
-                             R"([\"Segment the liver\", \"left kidney\", \"caf\\u00e9 \\\"q\\\"\"])") {
+                         const std::string& prompts = kPromptsJson) {
   return std::string(R"({"__metadata__": {"format": "promptseg-prompt-cache", "version": "1",)") +
          R"( "prompts": ")" + prompts + R"(",)" +
          R"( "targets": "[\"liver\", \"left kidney\", \"liver\"]", "film_dim": "4",)" +
