@@ -156,8 +156,10 @@ def _check_args(
     if int8:
         if calib_data is None:
             raise ExportInputError("int8 export needs calib_data (--calib-data DIR)")
-        if not Path(calib_data).is_dir():
-            raise ExportInputError(f"{calib_data}: calibration data folder not found")
+        if not Path(calib_data).exists():
+            raise ExportInputError(
+                f"{calib_data}: calibration data not found (a dataset root or a calibration .npz)"
+            )
         _quantize_int8()
 
 
@@ -259,6 +261,9 @@ def _graph_metadata(state: _State, precision: str) -> dict[str, Any]:
         "promptseg.vocabulary_sha256": loaded.vocabulary.sha256(),
         "promptseg.checkpoint_sha256": state.checkpoint_sha256,
         "promptseg.orientation": loaded.preprocessing.orientation,
+        "promptseg.preprocessing": loaded.preprocessing.to_dict(),
+        # read by promptseg.calibration when it is given a bare model.onnx
+        "preprocessing": loaded.preprocessing.to_dict(),
     }
 
 
@@ -442,14 +447,19 @@ def _fp16(state: _State) -> None:
     audit_fp16(model16, feeds, audit)
     unet = state.loaded.model.unet
     check_io(model16, unet.config.resolution, unet.film_dim)
+    clamped = {e.key: e.value for e in model16.metadata_props}.get(
+        "promptseg.fp16_constants_clamped", "0"
+    )
     meta = _graph_metadata(state, "fp16")
     meta["promptseg.fp16_kept_fp32"] = audit.kept_fp32
+    meta["promptseg.fp16_constants_clamped"] = clamped
     set_metadata(model16, meta)
     save_onnx(model16, state.out / "model.fp16.onnx")
     state.fields["fp16_audit"] = {
         **audit.to_dict(),
         "prompts": list(_audit_prompts(state)),
         "slices": len(state.slices),
+        "constants_clamped": int(clamped),
     }
     state.progress(
         f"model.fp16.onnx: FP16 graph max |activation| {audit.fp16_max_abs_activation:.4g}"
@@ -501,7 +511,8 @@ def _verify_images(state: _State) -> None:
     from promptseg.export.verify import TOLERANCES, torch_logits, verify_graph
 
     images = state.slices.images
-    films = _audit_prompts(state)
+    audit = _audit_prompts(state)
+    films = dict(list(audit.items())[:: max(1, len(audit) // 4)])
     unet = state.loaded.model.unet
     refs = {p: torch_logits(unet, images, f) for p, f in films.items()}
     results = {}

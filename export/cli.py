@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8", action="store_true", help="also write model.int8.onnx (needs --calib-data)"
     )
-    p.add_argument("--calib-data", type=Path, help="calibration data folder for --int8")
+    p.add_argument(
+        "--calib-data",
+        type=Path,
+        help="calibration data for --int8: a dataset root or a calibration .npz",
+    )
     p.add_argument(
         "--prompts",
         type=Path,

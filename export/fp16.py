@@ -9,6 +9,7 @@ tensor fails the export.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from promptseg.export.files import ExportError
 
 FP16_MAX = 65504.0
+FP16_MIN_SUBNORMAL = 2.0**-24
 DEFAULT_MARGIN = 1.0 / 8.0
 _FLOAT_TYPES = (1, 10)  # onnx TensorProto.FLOAT, FLOAT16
 
@@ -189,18 +191,28 @@ def audit_fp32(
 
 
 def convert_fp16(model: Any, kept_fp32: Sequence[str]) -> Any:
-    """FP16 graph with float32 I/O; the ``kept_fp32`` nodes stay FP32 (Casts around them)."""
+    """FP16 graph with float32 I/O; the ``kept_fp32`` nodes stay FP32 (Casts around them).
+
+    Constants beyond the FP16 range are clamped to +-65504, non-zero ones below the smallest
+    subnormal to +-2**-24; the count goes into ``metadata_props``
+    (``promptseg.fp16_constants_clamped``).
+    """
     import onnx
     from onnxconverter_common import float16
 
-    converted = float16.convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        node_block_list=list(kept_fp32),
-        max_finite_val=FP16_MAX,
-        min_positive_val=1e-7,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            node_block_list=list(kept_fp32),
+            max_finite_val=FP16_MAX,
+            min_positive_val=FP16_MIN_SUBNORMAL,
+        )
+    clamped = sum("truncated" in str(w.message) for w in caught)
     onnx.checker.check_model(converted)
+    entry = converted.metadata_props.add()
+    entry.key, entry.value = "promptseg.fp16_constants_clamped", str(clamped)
     return converted
 
 

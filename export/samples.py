@@ -63,7 +63,7 @@ def _chaos_slices(
 ) -> tuple[list[np.ndarray], list[str]]:
     from promptseg.data.datasets import load_cases, load_splits
 
-    ids = load_splits()["chaos-mr"]["val"][:cases]
+    ids = list(load_splits()["chaos-mr"]["val"][:cases])
     images: list[np.ndarray] = []
     sources: list[str] = []
     for case in load_cases("chaos-mr", root / "chaos-mr-t2spir", "val"):
@@ -85,6 +85,9 @@ def _chaos_slices(
         for k in picks:
             images.append(volume[k])
             sources.append(f"{case.case_id}/slice{k}")
+        ids.remove(int(case.case_id.split("/")[1]))
+        if not ids:
+            break
     return images, sources
 
 

@@ -548,7 +548,13 @@ class TorchEngine(Engine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision == "fp16" and self.device.type != "cuda":
             raise BackendError("the torch backend runs fp16 only on CUDA; use --precision fp32")
-        loaded = load_checkpoint(checkpoint)
+        try:
+            loaded = load_checkpoint(checkpoint)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                checkpoint, f"cannot load the checkpoint for the torch backend ({first})"
+            ) from exc
         self.unet = loaded.model.unet.eval().to(self.device)
         res = int(loaded.config.resolution)
         super().__init__(

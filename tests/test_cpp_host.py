@@ -1,6 +1,7 @@
 """The C++ host (cpp/): CMake build, ctest, and promptseg_inspect against Python's reading.
 
-The build runs once per session into a pytest temporary folder. Engine folders are written here
+The build runs once per session into a pytest temporary folder (or into
+``$PROMPTSEG_CPP_BUILD_DIR`` when set, to reuse an earlier build while developing). Engine folders are written here
 with Python (safetensors + hashlib), so these tests do not depend on the export code; when
 ``promptseg.export.export_model`` imports, a real export of the tiny checkpoint is checked too.
 """
@@ -70,7 +71,10 @@ def cpp_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
     if not any(c and shutil.which(c) for c in compilers):
         pytest.skip("no C++ compiler found (CXX, c++, g++, clang++)")
-    build = tmp_path_factory.mktemp("cpp_build")
+    # PROMPTSEG_CPP_BUILD_DIR reuses (and incrementally rebuilds) a build folder during
+    # development; by default every session builds from clean, as CI does.
+    reuse = os.environ.get("PROMPTSEG_CPP_BUILD_DIR")
+    build = Path(reuse).absolute() if reuse else tmp_path_factory.mktemp("cpp_build")
     configure = _run(
         _nice(
             [cmake, "-S", CPP, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DPROMPTSEG_WERROR=ON"]

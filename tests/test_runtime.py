@@ -14,9 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from promptseg.data.readers import InputError, Volume, read_volume
-from promptseg.preprocess import normalize, resize_bilinear
 from promptseg.runtime import (
     BackendError,
     EngineFolder,
@@ -37,6 +34,9 @@ from promptseg.runtime import (
 )
 from promptseg.runtime.manifest import sha256_file
 
+from promptseg.data.readers import InputError, Volume, read_volume
+from promptseg.preprocess import normalize, resize_bilinear
+
 CHAOS_1 = Path("chaos-mr-t2spir") / "image_1.nii.gz"
 
 
@@ -45,10 +45,6 @@ CHAOS_1 = Path("chaos-mr-t2spir") / "image_1.nii.gz"
 
 def export_engine_once(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
     """Export ``checkpoint`` with the real exporter once per session (shared by the runtime tests)."""
-    import os  # DEV-ONLY override, removed before hand-off
-
-    if os.environ.get("DEV_ENGINE"):
-        return Path(os.environ["DEV_ENGINE"])
     export = pytest.importorskip("promptseg.export", reason="promptseg.export is not importable")
     if not hasattr(export, "export_model"):
         pytest.skip("promptseg.export.export_model is not available yet")
@@ -123,9 +119,18 @@ def test_check_inputs_reports_what_it_expected() -> None:
     cases = [
         ({"image": good["image"]}, r"missing \['film'\].*expected image float32 \[N, 1, 8, 8\]"),
         ({**good, "extra": good["film"]}, r"unexpected \['extra'\]"),
-        ({**good, "image": good["image"].astype(np.float64)}, r"'image' has dtype float64; expected float32"),
-        ({**good, "image": np.zeros((3, 8, 8), np.float32)}, r"shape \(3, 8, 8\); expected 4 dimensions"),
-        ({**good, "image": np.zeros((3, 1, 8, 9), np.float32)}, r"expected image float32 \[N, 1, 8, 8\]"),
+        (
+            {**good, "image": good["image"].astype(np.float64)},
+            r"'image' has dtype float64; expected float32",
+        ),
+        (
+            {**good, "image": np.zeros((3, 8, 8), np.float32)},
+            r"shape \(3, 8, 8\); expected 4 dimensions",
+        ),
+        (
+            {**good, "image": np.zeros((3, 1, 8, 9), np.float32)},
+            r"expected image float32 \[N, 1, 8, 8\]",
+        ),
         ({**good, "film": np.zeros((2, 4), np.float32)}, r"N=2 .* another input has N=3"),
         ({**good, "film": [[0.0] * 4] * 3}, r"'film' is a list; expected a numpy array"),
     ]
@@ -138,9 +143,19 @@ def test_ort_engine_contract_errors(folder: EngineFolder) -> None:
     with OrtEngine(folder, threads=1) as engine:
         r = folder.resolution
         with pytest.raises(ValueError, match="expected image float32"):
-            engine.infer({"image": np.zeros((2, 1, r + 1, r), np.float32), "film": np.zeros((2, folder.film_dim), np.float32)})
+            engine.infer(
+                {
+                    "image": np.zeros((2, 1, r + 1, r), np.float32),
+                    "film": np.zeros((2, folder.film_dim), np.float32),
+                }
+            )
         with pytest.raises(ValueError, match="dtype float64"):
-            engine.infer({"image": np.zeros((2, 1, r, r)), "film": np.zeros((2, folder.film_dim), np.float32)})
+            engine.infer(
+                {
+                    "image": np.zeros((2, 1, r, r)),
+                    "film": np.zeros((2, folder.film_dim), np.float32),
+                }
+            )
         assert engine.backend == "ort-cpu" and engine.providers == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         OrtEngine(folder, precision="fp8")
@@ -155,10 +170,18 @@ def test_missing_graph_precision_lists_available(folder: EngineFolder) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_ort_matches_torch(folder: EngineFolder, resolver: PromptResolver, chaos_volume: Volume,
-                           tiny_checkpoint: Path, batch: int) -> None:
+def test_ort_matches_torch(
+    folder: EngineFolder,
+    resolver: PromptResolver,
+    chaos_volume: Volume,
+    tiny_checkpoint: Path,
+    batch: int,
+) -> None:
     images = _slices(chaos_volume, folder, batch)
-    with OrtEngine(folder, threads=1) as ort_engine, TorchEngine(tiny_checkpoint, device="cpu") as torch_engine:
+    with (
+        OrtEngine(folder, threads=1) as ort_engine,
+        TorchEngine(tiny_checkpoint, device="cpu") as torch_engine,
+    ):
         assert torch_engine.inputs == ort_engine.inputs
         outputs = []
         for prompt in ("liver", "left kidney", "glioma"):
@@ -174,14 +197,22 @@ def test_ort_matches_torch(folder: EngineFolder, resolver: PromptResolver, chaos
 def test_torch_engine_from_engine_folder(folder: EngineFolder) -> None:
     engine = TorchEngine.from_engine(folder)
     assert engine.backend == "torch" and engine.precision == "fp32"
-    broken = EngineFolder(folder.path, {**folder.manifest, "checkpoint": {"path": "/nonexistent.pt", "sha256": "0" * 64}},
-                          folder.manifest_sha256, folder.inputs, folder.outputs, folder.preprocessing)
+    broken = EngineFolder(
+        folder.path,
+        {**folder.manifest, "checkpoint": {"path": "/nonexistent.pt", "sha256": "0" * 64}},
+        folder.manifest_sha256,
+        folder.inputs,
+        folder.outputs,
+        folder.preprocessing,
+    )
     with pytest.raises(InputError, match="needs the checkpoint this engine was exported from"):
         TorchEngine.from_engine(broken)
 
 
 def test_select_backend(folder: EngineFolder) -> None:
-    with pytest.raises(ValueError, match="unknown backend 'onnx'; valid: auto, tensorrt, ort-cuda, ort-cpu, torch"):
+    with pytest.raises(
+        ValueError, match="unknown backend 'onnx'; valid: auto, tensorrt, ort-cuda, ort-cpu, torch"
+    ):
         select_backend("onnx", folder)
     with select_backend("ort-cpu", folder, threads=1) as engine:
         assert engine.backend == "ort-cpu" and engine.precision == "fp32"
@@ -208,8 +239,9 @@ def test_tensorrt_backend_without_tensorrt_names_the_extra(folder: EngineFolder)
 
 
 @pytest.mark.trt
-def test_tensorrt_engine_matches_onnxruntime(folder: EngineFolder, resolver: PromptResolver,
-                                             chaos_volume: Volume) -> None:
+def test_tensorrt_engine_matches_onnxruntime(
+    folder: EngineFolder, resolver: PromptResolver, chaos_volume: Volume
+) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     if folder.plan is None:
         pytest.skip("the engine folder has no model.plan (exported without TensorRT)")
@@ -268,17 +300,25 @@ def test_prompt_cache_validates_shapes_and_metadata(engine_dir: Path, tmp_path: 
 
     good = PromptCache.load(engine_dir / "prompt_cache.safetensors")
     k, p = good.film.shape
-    meta = {"format": "promptseg-prompt-cache", "version": "1", "prompts": json.dumps(good.prompts),
-            "targets": json.dumps(good.targets)}
+    meta = {
+        "format": "promptseg-prompt-cache",
+        "version": "1",
+        "prompts": json.dumps(good.prompts),
+        "targets": json.dumps(good.targets),
+    }
     bad = tmp_path / "bad.safetensors"
     save_file({"film": good.film[:-1], "embedding": good.embedding}, str(bad), metadata=meta)
     with pytest.raises(InputError, match=r"bad\.safetensors: film .* expected"):
         PromptCache.load(bad)
-    save_file({"film": good.film, "embedding": good.embedding}, str(bad), metadata={**meta, "format": "x"})
+    save_file(
+        {"film": good.film, "embedding": good.embedding}, str(bad), metadata={**meta, "format": "x"}
+    )
     with pytest.raises(InputError, match="metadata format='x'"):
         PromptCache.load(bad)
     save_file({"film": good.film, "embedding": good.embedding}, str(bad), metadata=meta)
-    with pytest.raises(InputError, match=f"film_dim {p} differs from the engine manifest's {p + 1}"):
+    with pytest.raises(
+        InputError, match=f"film_dim {p} differs from the engine manifest's {p + 1}"
+    ):
         PromptCache.load(bad, film_dim=p + 1)
 
 
@@ -300,7 +340,9 @@ def test_prompt_normalised_hit(resolver: PromptResolver) -> None:
     assert held.how == "normalised" and held.target == "left kidney"
 
 
-def test_prompt_encoder_path_matches_torch(resolver: PromptResolver, text_encoder, tiny_checkpoint: Path) -> None:
+def test_prompt_encoder_path_matches_torch(
+    resolver: PromptResolver, text_encoder, tiny_checkpoint: Path
+) -> None:
     import torch
 
     from promptseg.checkpoint import load_checkpoint
@@ -353,7 +395,11 @@ def _all_orientations() -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("ornt", _all_orientations(), ids=lambda o: "".join(f"{int(a)}{'+' if f > 0 else '-'}" for a, f in o))
+@pytest.mark.parametrize(
+    "ornt",
+    _all_orientations(),
+    ids=lambda o: "".join(f"{int(a)}{'+' if f > 0 else '-'}" for a, f in o),
+)
 def test_orientation_round_trip_is_exact(ornt: np.ndarray) -> None:
     from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff
 
@@ -378,7 +424,9 @@ def test_orientation_of_oblique_and_dicom_affines(tmp_path: Path) -> None:
     from promptseg.data.dicom_writer import write_dicom_series
 
     angle = np.deg2rad(10)
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rot = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
     affine = np.eye(4)
     affine[:3, :3] = rot @ np.diag([1.0, -1.0, 2.0])  # close to R P S
     reo = reorientation(affine, (6, 5, 4))
@@ -403,9 +451,17 @@ def test_modality_rules(chaos_volume: Volume) -> None:
     ct.data[0, 0, 0] = 1500
     assert choose_modality(ct) == "ct"
     assert choose_modality(ct, "mr") == "mr"
-    mr_negative = Volume(np.linspace(-3, 3, 32, dtype=np.float32).reshape(4, 4, 2), np.eye(4), (1, 1, 1), "z", "nifti")
+    mr_negative = Volume(
+        np.linspace(-3, 3, 32, dtype=np.float32).reshape(4, 4, 2),
+        np.eye(4),
+        (1, 1, 1),
+        "z",
+        "nifti",
+    )
     assert choose_modality(mr_negative) == "mr"
-    tagged = Volume(np.zeros((2, 2, 2), np.float32), np.eye(4), (1, 1, 1), "d", "dicom", {"modality": "CT"})
+    tagged = Volume(
+        np.zeros((2, 2, 2), np.float32), np.eye(4), (1, 1, 1), "d", "dicom", {"modality": "CT"}
+    )
     assert choose_modality(tagged) == "ct"
     png8 = Image2D(np.zeros((4, 4), np.float32), {"bit_depth": 8}, "a.png")
     png16 = Image2D(np.zeros((4, 4), np.float32), {"bit_depth": 16}, "b.png")
@@ -414,7 +470,9 @@ def test_modality_rules(chaos_volume: Volume) -> None:
         choose_modality(png8, "pet")
 
 
-def test_segment_volume_label_map(folder: EngineFolder, resolver: PromptResolver, chaos_volume: Volume) -> None:
+def test_segment_volume_label_map(
+    folder: EngineFolder, resolver: PromptResolver, chaos_volume: Volume
+) -> None:
     prompts = ["liver", "spleen"]
     with OrtEngine(folder, threads=1) as engine:
         done: list[int] = []
@@ -423,11 +481,28 @@ def test_segment_volume_label_map(folder: EngineFolder, resolver: PromptResolver
         film = np.repeat(resolver.resolve("liver").film[None], 8, axis=0)
         from promptseg.preprocess import sigmoid
 
-        threshold = float(np.median(sigmoid(engine.infer({"image": images, "film": film})["logits"])))
-        result = segment(chaos_volume, prompts, engine, resolver, folder.preprocessing,
-                         batch=7, threshold=threshold, progress=done.append)
-        single = segment(chaos_volume, ["liver"], engine, resolver, folder.preprocessing,
-                         batch=16, threshold=threshold)
+        threshold = float(
+            np.median(sigmoid(engine.infer({"image": images, "film": film})["logits"]))
+        )
+        result = segment(
+            chaos_volume,
+            prompts,
+            engine,
+            resolver,
+            folder.preprocessing,
+            batch=7,
+            threshold=threshold,
+            progress=done.append,
+        )
+        single = segment(
+            chaos_volume,
+            ["liver"],
+            engine,
+            resolver,
+            folder.preprocessing,
+            batch=16,
+            threshold=threshold,
+        )
     assert result.labels.shape == chaos_volume.data.shape and result.labels.dtype == np.uint8
     assert sum(done) == chaos_volume.data.shape[2]
     assert set(np.unique(result.labels)) <= {0, 1, 2}
@@ -441,7 +516,13 @@ def test_segment_volume_label_map(folder: EngineFolder, resolver: PromptResolver
 
 
 def test_segment_constant_volume_warns(folder: EngineFolder, resolver: PromptResolver) -> None:
-    flat = Volume(np.full((20, 30, 3), 7.0, np.float32), np.diag([1.0, 1.0, 3.0, 1.0]), (1, 1, 3), "flat.nii.gz", "nifti")
+    flat = Volume(
+        np.full((20, 30, 3), 7.0, np.float32),
+        np.diag([1.0, 1.0, 3.0, 1.0]),
+        (1, 1, 3),
+        "flat.nii.gz",
+        "nifti",
+    )
     with OrtEngine(folder, threads=1) as engine:
         result = segment(flat, ["liver"], engine, resolver, folder.preprocessing)
     assert result.labels.shape == (20, 30, 3) and not result.labels.any()
@@ -454,8 +535,20 @@ def test_segment_2d_image(folder: EngineFolder, resolver: PromptResolver, data_r
 
     data, info = read_image_2d(data_root / "brain-tumor-cheng" / "images" / "188.png")
     with OrtEngine(folder, threads=1) as engine:
-        result = segment(Image2D(data, info, "188.png"), ["meningioma"], engine, resolver, folder.preprocessing)
+        result = segment(
+            Image2D(data, info, "188.png"), ["meningioma"], engine, resolver, folder.preprocessing
+        )
     assert result.labels.shape == data.shape and result.modality == "uint8"
     assert result.reorientation is None and result.stats[0]["volume_ml"] is None
-    with OrtEngine(folder, threads=1) as engine, pytest.raises(InputError, match="--batch: must be at least 1"):
-        segment(Image2D(data, info, "188.png"), ["meningioma"], engine, resolver, folder.preprocessing, batch=0)
+    with (
+        OrtEngine(folder, threads=1) as engine,
+        pytest.raises(InputError, match="--batch: must be at least 1"),
+    ):
+        segment(
+            Image2D(data, info, "188.png"),
+            ["meningioma"],
+            engine,
+            resolver,
+            folder.preprocessing,
+            batch=0,
+        )

