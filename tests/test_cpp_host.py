@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -40,8 +41,13 @@ EMBED_DIM = 384
 NON_ASCII_PROMPT = "Segmentez le foie (h\u00e9patique)"
 
 
-def _nice(cmd: list[str]) -> list[str]:
-    return ["nice", "-n", "15", *cmd] if shutil.which("nice") else cmd
+def _nice(cmd: list[object]) -> list[object]:
+    """Run at niceness 15 (the build shares the CPUs with other jobs), without stacking a second
+    increment on a process that is already niced."""
+    increment = 15 - os.nice(0) if hasattr(os, "nice") else 0
+    if increment <= 0 or shutil.which("nice") is None:
+        return cmd
+    return ["nice", "-n", str(increment), *cmd]
 
 
 def _env() -> dict[str, str]:
@@ -51,15 +57,28 @@ def _env() -> dict[str, str]:
 def _run(
     cmd: list[object], timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(c) for c in cmd],
-        capture_output=True,
+    """Run a command; on timeout kill its whole process group (make and compilers too)."""
+    args = [str(c) for c in cmd]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         encoding="utf-8",
-        timeout=timeout,
         env=_env(),
         cwd=cwd,
+        start_new_session=os.name == "posix",
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")
