@@ -59,6 +59,8 @@ class TrainConfig:
     resolution: int = 0  # 0 = the preset's
     augment: bool = True
     progress: bool = True
+    init_from: str = ""  # fine-tune: start from this checkpoint's (or last.pt's) weights
+    empty_weight: float = 0.2  # best-checkpoint score = (1 - w) * mean Dice + w * empty rate
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.datasets if d not in KINDS]
@@ -241,6 +243,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = PromptSegModel(model_cfg, identity["hidden_size"]).to(cfg.device)
+    if cfg.init_from:
+        init = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        model.load_state_dict(init.get("state_dict", init.get("model")))
+        print(f"initialised from {cfg.init_from}")
     loss_fn = build_loss(cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -295,6 +301,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         sched.step()
         val = validate(model, val_bank, val_set, embeddings, vocab, cfg.batch * 2)
+        val["score"] = (1 - cfg.empty_weight) * val["mean_dice"] + cfg.empty_weight * val[
+            "empty_rate"
+        ]
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
