@@ -81,12 +81,41 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _load_config_file(path: Path) -> dict:
+    """A JSON or YAML mapping of TrainConfig fields; one-line ValueError naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error is a bad config file
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{path}: not a valid config file ({detail})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of training options, got {type(values).__name__}"
+        )
+    return values
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_types(values: dict, source: Path | None) -> None:
+    """Reject config values of the wrong type with a message naming the file and key."""
+    from promptseg.train import TrainConfig
+
+    for f in fields(TrainConfig):
+        expected = _TYPES.get(str(f.type))
+        if f.name in values and expected is not None:
+            v = values[f.name]
+            if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
+                where = f"{source}: " if source else ""
+                raise ValueError(f"{where}option {f.name!r} must be {f.type}, got {v!r}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -97,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"{args.config}: unknown config keys {sorted(unknown)}")
+    _check_types(values, args.config)
     for name in names:
         v = getattr(args, name, None)
         if v is not None:
@@ -150,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_info(sub)
     _add_report(sub)
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "report": cmd_report}
+    handlers = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "info": cmd_info,
+        "report": cmd_report,
+    }
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, ValueError) as exc:

@@ -24,13 +24,13 @@ def _promptseg() -> list[str]:
     return [found] if found else [sys.executable, "-m", "promptseg.cli"]
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [*_promptseg(), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         cwd=cwd,
         env=env,
     )
@@ -41,7 +41,9 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def test_info_prints_both_presets_with_parameter_counts():
-    result = _run("info")
+    # Counts FLOPs with a real forward pass of the paper preset at 256 px: seconds on an idle
+    # core, much longer on a shared machine, hence the generous limit.
+    result = _run("info", timeout=1800)
     assert result.returncode == 0, result.stderr
     for name in ("small", "paper"):
         millions = count_parameters(UNet(preset_config(name))) / 1e6
@@ -115,12 +117,6 @@ def test_no_subcommand_is_a_usage_error():
     assert "usage: promptseg" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py: a malformed or mistyped config file is not reported as a one-line error "
-    "naming the file (JSON decode message without the path; YAML errors and wrong types "
-    "escape as tracebacks)",
-)
 @pytest.mark.parametrize(
     ("name", "text"),
     [
