@@ -441,7 +441,7 @@ def _fp16(state: _State) -> None:
     audit = audit_fp32(model, feeds)
     state.progress(
         f"FP16 range audit: max |activation| {audit.max_abs_activation:.4g} at "
-        f"{audit.max_node}; {len(audit.kept_fp32)} nodes kept FP32 over {audit.runs} runs"
+        f"{audit.max_node}; {len(audit.kept_fp32)} node(s) kept FP32 over {audit.runs} runs"
     )
     model16 = convert_fp16(model, audit.kept_fp32)
     audit_fp16(model16, feeds, audit)
@@ -462,7 +462,7 @@ def _fp16(state: _State) -> None:
         "constants_clamped": int(clamped),
     }
     state.progress(
-        f"model.fp16.onnx: FP16 graph max |activation| {audit.fp16_max_abs_activation:.4g}"
+        f"model.fp16.onnx: max |x| over FP16 tensors {audit.fp16_max_abs_activation:.4g}"
     )
 
 

@@ -92,10 +92,15 @@ def with_all_outputs(model: Any) -> tuple[Any, dict[str, str]]:
     return exposed, producer
 
 
-def node_max_abs(
+def tensor_max_abs(
     model: Any, feeds: Sequence[dict[str, np.ndarray]]
-) -> tuple[dict[str, float], list[str]]:
-    """Max |activation| per node over all ``feeds`` and the nodes with non-finite outputs."""
+) -> tuple[dict[str, float], dict[str, str], list[str], set[str]]:
+    """Max |x| per float node output over all ``feeds``.
+
+    Returns:
+        Peak per tensor name, the producing node of each tensor, the nodes with non-finite
+        outputs, and the names of the FP16 tensors.
+    """
     import onnxruntime as ort
 
     exposed, producer = with_all_outputs(model)
@@ -107,19 +112,33 @@ def node_max_abs(
     names = [o.name for o in session.get_outputs() if o.name in producer]
     peak: dict[str, float] = {}
     nonfinite: set[str] = set()
+    half: set[str] = set()
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed)):
-            node = producer[name]
+            if np.asarray(value).dtype == np.float16:
+                half.add(name)
             arr = np.asarray(value, dtype=np.float32)
             if arr.size == 0:
                 continue
             if not np.all(np.isfinite(arr)):
-                nonfinite.add(node)
+                nonfinite.add(producer[name])
                 arr = arr[np.isfinite(arr)]
                 if arr.size == 0:
                     continue
-            peak[node] = max(peak.get(node, 0.0), float(np.max(np.abs(arr))))
-    return peak, sorted(nonfinite)
+            peak[name] = max(peak.get(name, 0.0), float(np.max(np.abs(arr))))
+    return peak, producer, sorted(nonfinite), half
+
+
+def node_max_abs(
+    model: Any, feeds: Sequence[dict[str, np.ndarray]]
+) -> tuple[dict[str, float], list[str]]:
+    """Max |activation| per node over all ``feeds`` and the nodes with non-finite outputs."""
+    tensors, producer, nonfinite, _ = tensor_max_abs(model, feeds)
+    peak: dict[str, float] = {}
+    for name, value in tensors.items():
+        node = producer[name]
+        peak[node] = max(peak.get(node, 0.0), value)
+    return peak, nonfinite
 
 
 def l2_norm_nodes(model: Any) -> dict[str, str]:
@@ -163,15 +182,23 @@ def audit_fp32(
     Raises:
         ExportError: The FP32 graph itself produces non-finite values.
     """
-    peak, nonfinite = node_max_abs(model, feeds)
+    tensors, producer, nonfinite, _ = tensor_max_abs(model, feeds)
     if nonfinite:
         raise ExportError(
             f"the FP32 graph produces non-finite activations on real slices at nodes "
             f"{nonfinite[:5]}; the model itself is broken, FP16 conversion is meaningless"
         )
     threshold = limit * margin
-    reasons = {name: f"max |x| {value:.4g} > {threshold:.4g}" for name, value in peak.items()}
-    kept = {name: reasons[name] for name, value in peak.items() if value > threshold}
+    peak: dict[str, float] = {}
+    for name, value in tensors.items():
+        peak[producer[name]] = max(peak.get(producer[name], 0.0), value)
+    kept = {n: f"max |x| {v:.4g} > {threshold:.4g}" for n, v in peak.items() if v > threshold}
+    # A node reading a large tensor stays FP32 too: a Cast to FP16 on its input would overflow.
+    large = {name for name, value in tensors.items() if value > threshold}
+    for node in model.graph.node:
+        hot = [name for name in node.input if name in large]
+        if hot and node.name not in kept:
+            kept[node.name] = f"reads {hot[0]} with max |x| {tensors[hot[0]]:.4g}"
     for name, why in l2_norm_nodes(model).items():
         kept.setdefault(name, why)
     max_node = max(peak, key=peak.get) if peak else ""
@@ -210,28 +237,96 @@ def convert_fp16(model: Any, kept_fp32: Sequence[str]) -> Any:
             min_positive_val=FP16_MIN_SUBNORMAL,
         )
     clamped = sum("truncated" in str(w.message) for w in caught)
+    tidy_casts(converted)
     onnx.checker.check_model(converted)
     entry = converted.metadata_props.add()
     entry.key, entry.value = "promptseg.fp16_constants_clamped", str(clamped)
     return converted
 
 
+def tidy_casts(model: Any) -> None:
+    """Repair two habits of ``convert_float_to_float16`` with a node block list, in place.
+
+    1. A graph output produced by a blocked (FP32) node is declared FLOAT16 even with
+       ``keep_io_types``: it gets a final ``Cast`` to FLOAT and is declared FLOAT again.
+    2. A blocked node's output always passes through FP16 (``Cast`` to FLOAT16, then ``Cast``
+       back to FLOAT for the next blocked node), which overflows for exactly the tensors the
+       audit kept in FP32: such FP32 -> FP16 -> FP32 round trips are removed.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    for out in graph.output:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT16:
+            continue
+        inner = f"{out.name}_fp16"
+        for node in graph.node:
+            node.output[:] = [inner if o == out.name else o for o in node.output]
+            node.input[:] = [inner if i == out.name else i for i in node.input]
+        graph.node.append(
+            helper.make_node(
+                "Cast", [inner], [out.name], to=TensorProto.FLOAT, name=f"{out.name}_cast_fp32"
+            )
+        )
+        out.type.tensor_type.elem_type = TensorProto.FLOAT
+    del graph.value_info[:]
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (
+            *onnx.shape_inference.infer_shapes(model).graph.value_info,
+            *graph.input,
+            *graph.output,
+        )
+    }
+    types.update({init.name: init.data_type for init in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != TensorProto.FLOAT16:
+            continue
+        if types.get(first.input[0]) != TensorProto.FLOAT:
+            continue
+        if node.output[0] in outputs:
+            node.input[0] = first.input[0]  # keep the graph output name: FLOAT -> FLOAT Cast
+        else:
+            alias[node.output[0]] = first.input[0]
+    keep = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in alias)]
+    for node in keep:
+        node.input[:] = [alias.get(i, i) for i in node.input]
+    used = {i for n in keep for i in n.input} | outputs
+    keep = [n for n in keep if n.op_type != "Cast" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
 def audit_fp16(model16: Any, feeds: Sequence[dict[str, np.ndarray]], audit: RangeAudit) -> None:
     """Re-audit the converted graph; fill ``audit.fp16_*`` or raise on overflow.
 
     Raises:
-        ExportError: a tensor of the FP16 graph is non-finite or reaches the FP16 limit even
-            with the audited nodes kept in FP32.
+        ExportError: a tensor of the FP16 graph is non-finite, or an FP16 tensor saturates at
+            the FP16 limit, even with the audited nodes kept in FP32.
     """
-    peak, nonfinite = node_max_abs(model16, feeds)
-    over = sorted(name for name, value in peak.items() if value >= audit.limit)
+    tensors, producer, nonfinite, half = tensor_max_abs(model16, feeds)
+    over = sorted({producer[n] for n in half if tensors.get(n, 0.0) >= audit.limit})
     if nonfinite or over:
         raise ExportError(
             f"FP16 graph overflows even with {len(audit.kept_fp32)} nodes kept in FP32: "
-            f"non-finite at {nonfinite[:5]}, |x| >= {audit.limit:g} at {over[:5]}; "
+            f"non-finite at {nonfinite[:5]}, FP16 |x| >= {audit.limit:g} at {over[:5]}; "
             f"export without --fp16 or lower the audit margin"
         )
-    if peak:
-        node = max(peak, key=peak.get)
-        audit.fp16_max_abs_activation = float(peak[node])
-        audit.fp16_max_node = node
+    fp16_peaks = {n: v for n, v in tensors.items() if n in half}
+    if fp16_peaks:
+        name = max(fp16_peaks, key=fp16_peaks.get)
+        audit.fp16_max_abs_activation = float(fp16_peaks[name])
+        audit.fp16_max_node = producer[name]

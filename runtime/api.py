@@ -263,6 +263,8 @@ def _slice_axis(image: Volume, folder: EngineFolder) -> int:
     """Input axis that becomes the slice axis after reorientation."""
     from promptseg.runtime.orientation import reorientation
 
+    if not image.meta.get("orientation_known", True):
+        return 2
     reo = reorientation(image.affine, image.data.shape, folder.axcodes)
     return int(reo.inverse[2, 0])
 

@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, default=0.5, metavar="T", help="probability threshold"
     )
     p.add_argument(
-        "--modality", default="auto", metavar="|".join(MODALITY_CHOICES), help="intensity rule"
+        "--modality",
+        default="auto",
+        metavar="|".join(MODALITY_CHOICES),
+        help="intensity rule; auto: the DICOM Modality tag, else CT when the minimum is below -500 "
+        "and the values look like HU (min >= -3100, max <= 32767), else MR; 8-bit 2-D images /255",
     )
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write a JSON summary")
     p.add_argument("--volume", type=int, default=None, metavar="N", help="volume of a 4-D NIfTI")

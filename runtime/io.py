@@ -72,20 +72,26 @@ def read_input(
     """
     kind = input_kind(path)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if kind == "image":
-            if volume_index is not None:
-                raise InputError(
-                    path, "--volume only applies to 4-D NIfTI files; this is a 2-D image"
-                )
-            if series_uid is not None:
-                raise InputError(path, "--series only applies to DICOM input; this is a 2-D image")
-            data, info = read_image_2d(path)
-            result: Volume | Image2D = Image2D(data, info, str(path))
-        else:
-            result = read_volume(path, volume_index=volume_index, series_uid=series_uid)
+        try:
+            result = _read(path, kind, volume_index, series_uid)
+        except ImportError as exc:  # an optional reader (mrcfile, tifffile) is not installed
+            raise InputError(path, str(exc).splitlines()[0]) from exc
     notes = [" ".join(str(w.message).split()) for w in caught]
     return result, notes
+
+
+def _read(
+    path: PathLike, kind: str, volume_index: int | None, series_uid: str | None
+) -> Volume | Image2D:
+    """Dispatch to the reader of ``kind``."""
+    if kind == "image":
+        if volume_index is not None:
+            raise InputError(path, "--volume only applies to 4-D NIfTI files; this is a 2-D image")
+        if series_uid is not None:
+            raise InputError(path, "--series only applies to DICOM input; this is a 2-D image")
+        data, info = read_image_2d(path)
+        return Image2D(data, info, str(path))
+    return read_volume(path, volume_index=volume_index, series_uid=series_uid)
 
 
 def input_stem(path: PathLike) -> str:

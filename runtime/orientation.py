@@ -9,7 +9,8 @@ inverse transform returns the mask onto exactly the input's voxel grid.
 The orientation comes from the voxel-to-world affine: nibabel's for NIfTI files, and for DICOM
 series the affine :func:`promptseg.data.readers.read_dicom_series` builds from
 ImageOrientationPatient / ImagePositionPatient. Oblique volumes are mapped to the closest
-axis-aligned orientation (``io_orientation``). 2-D images (PNG/JPEG/TIFF) carry no orientation
+axis-aligned orientation (``io_orientation``). Volumes that store no orientation (MRC) are
+used as they are, with a warning. 2-D images (PNG/JPEG/TIFF) carry no orientation
 and are used as they are: a 2-D image is assumed to be already in the training convention (the
 brain and BTCV slices of the training data are).
 """
@@ -65,6 +66,21 @@ class Reorientation:
         if tuple(out.shape[:3]) != self.input_shape:
             raise ValueError(f"undo gave shape {out.shape}; expected {self.input_shape}")
         return out
+
+
+def identity_reorientation(
+    affine: np.ndarray, shape: tuple[int, ...], axcodes: str = "LAS"
+) -> Reorientation:
+    """A no-op transform for volumes that store no patient orientation (e.g. MRC)."""
+    ident = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    return Reorientation(
+        forward=ident,
+        inverse=ident.copy(),
+        input_shape=tuple(int(s) for s in shape[:3]),  # type: ignore[arg-type]
+        canonical_affine=np.asarray(affine, dtype=np.float64),
+        input_axcodes="unknown",
+        axcodes=axcodes,
+    )
 
 
 def reorientation(

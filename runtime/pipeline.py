@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from promptseg.runtime.engines import Engine
 from promptseg.runtime.io import Image2D
-from promptseg.runtime.orientation import Reorientation, reorientation
+from promptseg.runtime.orientation import Reorientation, identity_reorientation, reorientation
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 
 from promptseg.data.readers import InputError, Volume
@@ -168,15 +168,22 @@ def segment(
     t0 = time.perf_counter()
     mod = choose_modality(image, modality)
     reo: Reorientation | None = None
+    warn: list[str] = []
     if isinstance(image, Image2D):
         slices = image.data[None]  # (1, H, W)
         voxel_ml = None
     else:
-        reo = reorientation(image.affine, image.data.shape, axcodes)
+        if image.meta.get("orientation_known", True):
+            reo = reorientation(image.affine, image.data.shape, axcodes)
+        else:
+            reo = identity_reorientation(image.affine, image.data.shape, axcodes)
+            warn.append(
+                f"the file stores no patient orientation; used as it is (assumed {axcodes}, "
+                "left/right targets are unreliable)"
+            )
         slices = reo.apply(image.data).transpose(2, 0, 1)  # (Z, H, W) view, rows x columns
         voxel_ml = voxel_volume_ml(image.affine)
     n_slices, height, width = slices.shape
-    warn: list[str] = []
     lo, hi = intensity_bounds(slices, mod, preprocessing)
     window = replace(preprocessing, ct_window=(float(lo), float(hi)))
     constant = bool(slices.min() == slices.max())

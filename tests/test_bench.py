@@ -17,8 +17,12 @@ SCRIPT = REPO / "bench" / "latency.py"
 
 
 def _latency_module():
+    """bench/latency.py imported from its path (it is a script, not part of the package)."""
+    if "bench_latency" in sys.modules:
+        return sys.modules["bench_latency"]
     spec = importlib.util.spec_from_file_location("bench_latency", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_latency"] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 

@@ -484,7 +484,9 @@ def test_fp16_audit_keeps_large_nodes_and_l2_reduction(tmp_path):
     ops = {n.name: n.op_type for n in model.graph.node}
     kept_ops = {ops[n] for n in audit.kept_fp32}
     assert "ReduceL2" in kept_ops and "Mul" in kept_ops
-    assert audit.threshold < audit.max_abs_activation < audit.limit
+    assert audit.max_abs_activation > audit.threshold
+    # the Div reading the (> 65504) norm stays FP32 although its own output is below 1
+    assert any(ops[n] == "Div" for n in audit.kept_fp32)
     model16 = convert_fp16(model, audit.kept_fp32)
     audit_fp16(model16, feeds, audit)
     assert audit.fp16_max_abs_activation < audit.limit

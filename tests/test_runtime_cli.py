@@ -388,6 +388,37 @@ def test_4d_volume_with_volume_index(engine_dir: Path, chaos_image: Path, tmp_pa
     assert mask.shape == data.shape
 
 
+def test_mrc_volume_is_ct_and_used_as_it_is(
+    engine_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("mrcfile", reason="reading MRC needs mrcfile (promptseg[train])")
+    from promptseg.data.readers import read_volume
+
+    src = data_root / "lits-ct" / "img_117.mrc"
+    out = tmp_path / "lits.nii.gz"
+    proc = run_cli(
+        src,
+        "--prompt",
+        "liver",
+        "-o",
+        out,
+        "--engine",
+        engine_dir,
+        "--json",
+        tmp_path / "l.json",
+        "--quiet",
+    )
+    _ok(proc)
+    assert "stores no patient orientation" in proc.stderr
+    assert nib.load(str(out)).shape == read_volume(src).data.shape
+    result = json.loads((tmp_path / "l.json").read_text())["results"][0]
+    assert (
+        result["kind"] == "mrc"
+        and result["modality"] == "ct"
+        and result["orientation"] == "unknown"
+    )
+
+
 def test_constant_volume_warns_and_writes_an_empty_mask(engine_dir: Path, tmp_path: Path) -> None:
     flat = tmp_path / "flat.nii.gz"
     nib.save(
