@@ -25,8 +25,18 @@ from promptseg.data.datasets import Case, load_cases
 from promptseg.metrics import segmentation_metrics
 from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
 
-METRIC_KEYS = ("dice", "iou", "precision", "recall", "f1", "pixel_accuracy", "hd", "hd95",
-               "kappa", "ap")
+METRIC_KEYS = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "f1",
+    "pixel_accuracy",
+    "hd",
+    "hd95",
+    "kappa",
+    "ap",
+)
 
 
 class Predictor:
@@ -76,25 +86,39 @@ class _Prompting:
         vocab = loaded.vocabulary
         if self.mode == "canonical":
             return vocab.canonical(target)
-        pool = vocab.train_prompts(target) if self.mode == "train" else vocab.heldout_prompts(target)
+        pool = (
+            vocab.train_prompts(target) if self.mode == "train" else vocab.heldout_prompts(target)
+        )
         return random.Random(f"{self.seed}:{case_id}:{target}").choice(pool)
 
 
 def _kidney_overlap(pred: np.ndarray, case: Case) -> dict[str, float]:
     """Fraction of predicted voxels inside the left / right kidney truth."""
     total = max(int(pred.sum()), 1)
-    return {"left": float((pred & case.masks["left kidney"]).sum() / total),
-            "right": float((pred & case.masks["right kidney"]).sum() / total)}
+    return {
+        "left": float((pred & case.masks["left kidney"]).sum() / total),
+        "right": float((pred & case.masks["right kidney"]).sum() / total),
+    }
 
 
 def _fmt(v: object) -> object:
     return round(v, 6) if isinstance(v, float) else v
 
 
-def evaluate(checkpoint: str | Path, data: Path, dataset: str, out: Path, *,
-             split: str | None = None, prompt_set: str = "canonical", batch: int = 16,
-             threads: int = 2, threshold: float = 0.5, max_cases: int = 0,
-             progress: bool = True) -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    data: Path,
+    dataset: str,
+    out: Path,
+    *,
+    split: str | None = None,
+    prompt_set: str = "canonical",
+    batch: int = 16,
+    threads: int = 2,
+    threshold: float = 0.5,
+    max_cases: int = 0,
+    progress: bool = True,
+) -> dict:
     """Evaluate every case of ``data`` (or one split); write cases.csv, summary.json, PNG grid."""
     torch.set_num_threads(threads)
     started = time.time()
@@ -119,23 +143,35 @@ def evaluate(checkpoint: str | Path, data: Path, dataset: str, out: Path, *,
             pred = prob > threshold
             truth = case.masks[target]
             if truth.any():
-                m = segmentation_metrics(pred if case.is_volume else pred[0],
-                                         truth if case.is_volume else truth[0],
-                                         case.spacing if case.is_volume else case.spacing[1:],
-                                         prob if case.is_volume else prob[0])
-                row = {"case": case.case_id, "target": target, "prompt": prompt,
-                       **{k: m.get(k, float("nan")) for k in METRIC_KEYS},
-                       "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum())}
+                m = segmentation_metrics(
+                    pred if case.is_volume else pred[0],
+                    truth if case.is_volume else truth[0],
+                    case.spacing if case.is_volume else case.spacing[1:],
+                    prob if case.is_volume else prob[0],
+                )
+                row = {
+                    "case": case.case_id,
+                    "target": target,
+                    "prompt": prompt,
+                    **{k: m.get(k, float("nan")) for k in METRIC_KEYS},
+                    "truth_voxels": int(truth.sum()),
+                    "pred_voxels": int(pred.sum()),
+                }
                 rows.append(row)
                 z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
-                samples.append({"row": row, "image": slices[z], "pred": pred[z],
-                                "truth": truth[z]})
+                samples.append({"row": row, "image": slices[z], "pred": pred[z], "truth": truth[z]})
                 if target in kidney and "left kidney" in case.masks:
                     kidney[target].append(_kidney_overlap(pred, case))
             for z in np.flatnonzero(~truth.reshape(truth.shape[0], -1).any(1)):
-                absent.append({"case": case.case_id, "slice": int(z), "target": target,
-                               "empty": bool(not pred[z].any()),
-                               "same_domain": target in DOMAIN[case.dataset]})
+                absent.append(
+                    {
+                        "case": case.case_id,
+                        "slice": int(z),
+                        "target": target,
+                        "empty": bool(not pred[z].any()),
+                        "same_domain": target in DOMAIN[case.dataset],
+                    }
+                )
     summary = _summarise(rows, absent, kidney, loaded, dataset, split, prompt_set, threshold)
     summary["seconds"] = round(time.time() - started, 1)
     _write_csv(rows, out / "cases.csv")
@@ -148,8 +184,16 @@ def evaluate(checkpoint: str | Path, data: Path, dataset: str, out: Path, *,
     return summary
 
 
-def _summarise(rows: list[dict], absent: list[dict], kidney: dict, loaded: LoadedCheckpoint,
-               dataset: str, split: str | None, prompt_set: str, threshold: float) -> dict:
+def _summarise(
+    rows: list[dict],
+    absent: list[dict],
+    kidney: dict,
+    loaded: LoadedCheckpoint,
+    dataset: str,
+    split: str | None,
+    prompt_set: str,
+    threshold: float,
+) -> dict:
     targets: dict[str, dict] = {}
     for target in loaded.vocabulary.targets:
         sel = [r for r in rows if r["target"] == target]
@@ -167,8 +211,10 @@ def _summarise(rows: list[dict], absent: list[dict], kidney: dict, loaded: Loade
         sel = [a["empty"] for a in absent if a["target"] == target]
         by_target[target] = {"empty_rate": float(np.mean(sel)), "n": len(sel)}
     same = [a["empty"] for a in absent if a["same_domain"]]
-    confusion = {t: ({k: float(np.mean([o[k] for o in v])) for k in ("left", "right")}
-                     if v else None) for t, v in kidney.items()}
+    confusion = {
+        t: ({k: float(np.mean([o[k] for o in v])) for k in ("left", "right")} if v else None)
+        for t, v in kidney.items()
+    }
     dice_means = [t["dice_mean"] for t in targets.values() if t["dice_mean"] is not None]
     return {
         "checkpoint": str(loaded.path),
@@ -202,8 +248,9 @@ def pick_samples(samples: list[dict], per_target: int = 3) -> list[dict]:
     """Rule-based picks per target: best, median and worst Dice (failure cases included)."""
     picked = []
     for target in dict.fromkeys(s["row"]["target"] for s in samples):
-        sel = sorted((s for s in samples if s["row"]["target"] == target),
-                     key=lambda s: s["row"]["dice"])
+        sel = sorted(
+            (s for s in samples if s["row"]["target"] == target), key=lambda s: s["row"]["dice"]
+        )
         idx = sorted({len(sel) - 1, len(sel) // 2, 0})[::-1][:per_target]
         picked += [sel[i] for i in idx]
     return picked

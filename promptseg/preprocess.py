@@ -60,7 +60,7 @@ def intensity_bounds(volume: np.ndarray, modality: str, pre: Preprocessing) -> t
 
 
 def normalize(volume: np.ndarray, modality: str, pre: Preprocessing) -> np.ndarray:
-    """Scale intensities to [0, 1] (float32, same shape). A constant input gives zeros."""
+    """Scale intensities to [0, 1] (float32, same shape). A constant MR input gives zeros."""
     lo, hi = intensity_bounds(volume, modality, pre)
     if hi <= lo:
         return np.zeros(volume.shape, dtype=np.float32)

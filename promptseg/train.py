@@ -255,6 +255,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("epochs", cfg.epochs) != cfg.epochs:
+            raise ValueError(
+                f"{last_path}: was trained with epochs={state['epochs']} (the cosine schedule "
+                f"depends on it); resume with the same --epochs, got {cfg.epochs}"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -297,7 +302,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         sched.step()
         val = validate(model, val_bank, val_set, embeddings, vocab, cfg.batch * 2)
@@ -342,6 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "history": history,
             "best_score": best_score,
             "epoch": epoch,
+            "epochs": cfg.epochs,
         }
         tmp = last_path.with_name(".last.pt.tmp")
         torch.save(state, tmp)
