@@ -130,6 +130,7 @@ def quantize_int8(
     calib_data: CalibrationSet | CalibrationReader | str | Path | None,
     *,
     per_channel: bool = True,
+    reduce_range: bool = False,
     method: str = "minmax",
     op_types: str | Sequence[str] = "conv",
     nodes_to_exclude: Sequence[str] = (),
@@ -150,6 +151,7 @@ def quantize_int8(
         calib_data: A :class:`CalibrationSet` or reader, a calibration ``.npz`` or a dataset
             root (then ``n`` samples are drawn with ``seed``).
         per_channel: Per-output-channel weight scales.
+        reduce_range: 7-bit weights (values in [-64, 63]).
         method: "minmax", "entropy" or "percentile" activation calibration.
         op_types: "conv" (default: Conv, ConvTranspose, Gemm, MatMul), "all" (every op ONNX
             Runtime can quantise) or an explicit list of op types.
@@ -221,6 +223,7 @@ def quantize_int8(
                 reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=calibrate_method,
@@ -243,6 +246,7 @@ def quantize_int8(
         "weight_type": "int8",
         "symmetric": True,
         "per_channel": per_channel,
+        "reduce_range": reduce_range,
         "op_types": op_types if isinstance(op_types, str) else list(op_types),
         "n_samples": len(calib),
         "batch_size": batch,

@@ -346,17 +346,50 @@ def test_refusal_threshold_separates_on_and_off_target(exported, text_encoder):
 
 
 @pytest.mark.slow
-def test_export_replaces_an_earlier_engine_folder(exported, tiny_checkpoint, data_root, tmp_path):
+def test_export_replaces_earlier_folder_with_int8_text_encoder(
+    tiny_checkpoint, data_root, text_encoder, tmp_path
+):
     out = tmp_path / "engine"
     out.mkdir()
     (out / "manifest.json").write_text("{}", encoding="utf-8")
     (out / "stale.bin").write_bytes(b"old")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    manifest = export_model(tiny_checkpoint, out, verify=False, progress=False, data_root=data_root)
+    manifest = export_model(
+        tiny_checkpoint,
+        out,
+        text_encoder_quant="int8",
+        verify=False,
+        progress=False,
+        data_root=data_root,
+    )
     assert manifest == out / "manifest.json"
     assert not (out / "stale.bin").exists() and not (out / "model.fp16.onnx").exists()
-    assert json.loads(manifest.read_text())["verification"] == {"skipped": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    m = json.loads(manifest.read_text(encoding="utf-8"))
+    assert m["verification"] == {"skipped": True} and "fp16_audit" not in m
+    te = m["text_encoder"]
+    assert (
+        te["quantized"] == "int8-dynamic" and m["precision"]["text_encoder.onnx"] == "int8-dynamic"
+    )
+    q = te["quantization"]
+    assert q["cosine_min"] >= 0.99 and q["prompts_checked"] == m["prompt_cache"]["prompts"]
+    assert te["bytes"] == (out / "text_encoder.onnx").stat().st_size < 0.6 * q["fp32_bytes"]
+    assert "int8-quantised text_encoder.onnx" in m["prompt_refusal"]["how"]
+    # the shipped (quantised) graph really stays within the recorded cosine floor
+    prompts = ["Segment the liver", "Where is the pituitary adenoma?", "splenic tissue"]
+    tokens = text_encoder.tokenize(prompts)
+    ids = tokens["input_ids"].numpy()
+    got = _session(out / "text_encoder.onnx").run(
+        ["embedding"],
+        {
+            "input_ids": ids,
+            "attention_mask": tokens["attention_mask"].numpy(),
+            "token_type_ids": np.zeros_like(ids),
+        },
+    )[0]
+    ref = text_encoder(prompts).numpy()
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.99
 
 
 # ----------------------------------------------------------------------------- error paths
