@@ -285,6 +285,7 @@ def open_backends(folder: Any, checkpoint: Path | None, why_no_ckpt: str, thread
                   gpu: bool) -> list[Backend]:  # fmt: skip
     """Every backend of the folder that can run here (the rest listed as skipped, with why)."""
     import onnxruntime as ort
+
     from promptseg.runtime.engines import OrtEngine, TorchEngine, TrtEngine
 
     backends: list[Backend] = []
@@ -468,15 +469,15 @@ def preset_folder(
     so whole-volume timing is not available) and a checkpoint for the PyTorch backends.
     """
     import torch
+
+    from promptseg.checkpoint import save_checkpoint
     from promptseg.export.files import save_onnx
     from promptseg.export.fp16 import convert_fp16, l2_norm_nodes
     from promptseg.export.image_graph import export_unet
-    from promptseg.runtime.manifest import EngineFolder, TensorSpec
-
-    from promptseg.checkpoint import save_checkpoint
     from promptseg.model.unet import PromptSegModel, preset_config
     from promptseg.preprocess import Preprocessing
     from promptseg.prompts import PromptVocabulary
+    from promptseg.runtime.manifest import EngineFolder, TensorSpec
 
     torch.manual_seed(0)
     config = preset_config(preset, resolution=resolution)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
-from promptseg.runtime.prompt_resolver import PromptCache, normalise_prompt
 
 from promptseg.data.bank import DOMAIN
 from promptseg.data.datasets import ABDOMEN, BRAIN, DATASET_FOLDERS, KINDS, Case, load_splits
 from promptseg.preprocess import Preprocessing, normalize, resize_bilinear
+from promptseg.runtime.prompt_resolver import PromptCache, normalise_prompt
 
 __all__ = [
     "CALIB_FORMAT",

@@ -165,9 +165,8 @@ def _checkpoint_for(folder: Any, checkpoint: str | Path | None) -> tuple[Path | 
 
 def _open_rows(folder: Any, checkpoint: Path | None, why: str, films: dict[str, np.ndarray],
                batch: int, threads: int | None) -> tuple[list[_Row], list[Any]]:  # fmt: skip
-    from promptseg.runtime.engines import OrtEngine
-
     from promptseg.prompts import PromptVocabulary
+    from promptseg.runtime.engines import OrtEngine
 
     rows: list[_Row] = []
     engines: list[Any] = []
@@ -313,11 +312,11 @@ def run_parity(
     Raises:
         InputError / FileNotFoundError / ValueError: Bad engine folder, data root or options.
     """
-    from promptseg.runtime.manifest import EngineFolder
-    from promptseg.runtime.prompt_resolver import PromptResolver
     from tqdm import tqdm
 
     from promptseg.prompts import PromptVocabulary
+    from promptseg.runtime.manifest import EngineFolder
+    from promptseg.runtime.prompt_resolver import PromptResolver
 
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")

@@ -46,7 +46,6 @@ from promptseg.calibration.data import (
     PromptCache,
     resolve_calibration,
 )
-
 from promptseg.preprocess import Preprocessing
 
 __all__ = ["METHODS", "count_qdq", "modelopt_quantize", "quantize_int8"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from promptseg.export.files import (
     ExportError,
     ExportInputError,
@@ -270,6 +271,7 @@ def _graph_metadata(state: _State, precision: str) -> dict[str, Any]:
 
 def _image_graph(state: _State, opset: int) -> None:
     import onnx
+
     from promptseg.export.image_graph import export_unet, io_signature, op_counts, set_metadata
 
     unet = state.loaded.model.unet
@@ -434,6 +436,7 @@ def _feeds(images: np.ndarray, films: dict[str, np.ndarray], batch: int) -> list
 
 def _fp16(state: _State) -> None:
     import onnx
+
     from promptseg.export.fp16 import audit_fp16, audit_fp32, convert_fp16
     from promptseg.export.image_graph import check_io, set_metadata
 
@@ -469,6 +472,7 @@ def _fp16(state: _State) -> None:
 
 def _int8(state: _State, calib_data: Path) -> None:
     import onnx
+
     from promptseg.export.image_graph import check_io, set_metadata
 
     quantize_int8 = _quantize_int8()

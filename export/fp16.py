@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
 from promptseg.export.files import ExportError
 
 FP16_MAX = 65504.0

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+
 from promptseg.export.files import ExportError
 
 INPUT_NAMES = ("image", "film")

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from promptseg.export.files import ExportInputError, atomic_write
 
+from promptseg.export.files import ExportInputError, atomic_write
 from promptseg.prompts import PromptVocabulary
 
 FORMAT = "promptseg-prompt-cache"

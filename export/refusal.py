@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from promptseg.export.prompt_cache import PromptCache, normalize_prompt
 
+from promptseg.export.prompt_cache import PromptCache, normalize_prompt
 from promptseg.prompts import FREE_FORM, PromptVocabulary
 
 OFF_TARGET: tuple[str, ...] = (

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from promptseg.export.files import ExportInputError
 
+from promptseg.export.files import ExportInputError
 from promptseg.preprocess import Preprocessing, normalize, resize_bilinear
 
 DATA_ENV = "PROMPTSEG_DATA_ROOT"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from promptseg.export.files import ExportError, atomic_write
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -132,6 +133,7 @@ def tokenizer_facts(encoder: Any) -> dict[str, Any]:
 def session(path: str | os.PathLike[str]) -> Any:
     """A CPU ONNX Runtime session."""
     import onnxruntime as ort
+
     from promptseg.export.fp16 import session_options
 
     return ort.InferenceSession(

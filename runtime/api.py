@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import promptseg
+from promptseg.data.readers import (
+    InputError,
+    PathLike,
+    Volume,
+    write_nifti_atomic,
+    write_png_atomic,
+    write_text_atomic,
+)
 from promptseg.runtime.engines import (
     PRECISIONS,
     BackendError,
@@ -33,16 +43,6 @@ from promptseg.runtime.io import (
 from promptseg.runtime.manifest import EngineFolder
 from promptseg.runtime.pipeline import MODALITY_CHOICES, SegmentationResult, segment
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
-
-import promptseg
-from promptseg.data.readers import (
-    InputError,
-    PathLike,
-    Volume,
-    write_nifti_atomic,
-    write_png_atomic,
-    write_text_atomic,
-)
 
 _CACHE_BYTES = 1 << 30  # keep validated inputs in memory up to this size, re-read the rest
 

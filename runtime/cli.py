@@ -18,11 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from promptseg.data.readers import InputError
 from promptseg.runtime.api import run
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
 from promptseg.runtime.pipeline import MODALITY_CHOICES
-
-from promptseg.data.readers import InputError
 
 PROG = "promptseg-run"
 

@@ -27,9 +27,9 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from promptseg.runtime.manifest import EngineFolder, TensorSpec, sha256_file
 
 from promptseg.data.readers import InputError, PathLike
+from promptseg.runtime.manifest import EngineFolder, TensorSpec, sha256_file
 
 BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")

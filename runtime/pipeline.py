@@ -27,10 +27,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from promptseg.runtime.engines import Engine
-from promptseg.runtime.io import Image2D
-from promptseg.runtime.orientation import Reorientation, identity_reorientation, reorientation
-from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 
 from promptseg.data.readers import InputError, Volume
 from promptseg.preprocess import (
@@ -40,6 +36,10 @@ from promptseg.preprocess import (
     normalize,
     resize_bilinear,
 )
+from promptseg.runtime.engines import Engine
+from promptseg.runtime.io import Image2D
+from promptseg.runtime.orientation import Reorientation, identity_reorientation, reorientation
+from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 
 MODALITY_CHOICES = ("auto", "ct", "mr")
 CT_MIN_BELOW = -500.0

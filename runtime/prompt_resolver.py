@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from promptseg.runtime.manifest import EngineFolder
-from promptseg.runtime.tokenizer import WordPieceTokenizer
 
 from promptseg.data.readers import InputError, PathLike
+from promptseg.runtime.manifest import EngineFolder
+from promptseg.runtime.tokenizer import WordPieceTokenizer
 
 CACHE_FORMAT = "promptseg-prompt-cache"
 CACHE_VERSION = "1"

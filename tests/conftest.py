@@ -37,8 +37,9 @@ def vocab_embeddings(text_encoder):
     return text_encoder.embed_unique(prompts)
 
 
-def make_checkpoint(path: Path, text_encoder, embeddings, preset: str = "tiny", seed: int = 0,
-                    **overrides) -> Path:
+def make_checkpoint(
+    path: Path, text_encoder, embeddings, preset: str = "tiny", seed: int = 0, **overrides
+) -> Path:
     """A real checkpoint of an untrained (seeded) model, in the shipped format."""
     import torch
 

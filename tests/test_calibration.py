@@ -182,7 +182,6 @@ def _val_feeds(
 ) -> tuple[list[dict], list[np.ndarray]]:
     """Real BTCV validation slices with the canonical prompt of each present organ."""
     from promptseg.calibration.data import film_for, read_prompt_cache
-
     from promptseg.preprocess import Preprocessing, normalize, resize_bilinear
 
     cache = read_prompt_cache(engine_dir)
@@ -208,6 +207,7 @@ def test_quantize_int8_writes_a_symmetric_qdq_graph_close_to_fp32(engine_dir, da
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
+
     from promptseg.calibration import build_calibration_set, quantize_int8
 
     calib = build_calibration_set(data_root, engine_dir, n=64, seed=0, resolution=32)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from promptseg.data.readers import InputError, Volume, read_volume
+from promptseg.preprocess import normalize, resize_bilinear
 from promptseg.runtime import (
     BackendError,
     EngineFolder,
@@ -33,9 +36,6 @@ from promptseg.runtime import (
     select_backend,
 )
 from promptseg.runtime.manifest import sha256_file
-
-from promptseg.data.readers import InputError, Volume, read_volume
-from promptseg.preprocess import normalize, resize_bilinear
 
 CHAOS_1 = Path("chaos-mr-t2spir") / "image_1.nii.gz"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from promptseg.runtime.manifest import DEFAULT_ENGINE_DIR, sha256_file
 
 CHAOS = Path("chaos-mr-t2spir")
@@ -126,10 +127,9 @@ def chaos_image(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def threshold(engine_dir: Path, chaos_image: Path) -> float:
     """The tiny model's median 'liver' probability on CHAOS patient 1 (gives non-trivial masks)."""
-    from promptseg.runtime import EngineFolder, OrtEngine, PromptResolver
-
     from promptseg.data.readers import read_volume
     from promptseg.preprocess import normalize, resize_bilinear, sigmoid
+    from promptseg.runtime import EngineFolder, OrtEngine, PromptResolver
 
     folder = EngineFolder.open(engine_dir)
     volume = read_volume(chaos_image)

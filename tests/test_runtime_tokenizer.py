@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from promptseg.runtime.tokenizer import WordPieceTokenizer, normalize_text, pre_tokenize
 
 from promptseg.data.readers import InputError
 from promptseg.prompts import FREE_FORM, PromptVocabulary
+from promptseg.runtime.tokenizer import WordPieceTokenizer, normalize_text, pre_tokenize
 
 TRICKY = [
     "Ségment the Rîght kïdney!!",
