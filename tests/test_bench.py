@@ -123,3 +123,20 @@ def test_latency_script_rejects_bad_options(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "iters >= 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_latency_preset_mode_exports_a_random_unet(tmp_path):
+    out = tmp_path / "preset.json"
+    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--resolution", "32", "--iters", "3",
+           "--warmup", "1", "--batch", "2", "--threads", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["engine"]["preset"] == "tiny" and report["engine"]["resolution"] == 32
+    rows = {r["name"]: r for r in report["backends"]}
+    for name in ("torch-cpu", "ort-cpu"):
+        assert rows[name]["status"] == "ok", rows[name]["reason"]
+        assert rows[name]["infer_b1"]["n"] == 3 and rows[name]["infer_batch"]["n"] == 3
+    assert report["volume"][0]["status"] == "skipped" and "preset" in report["volume"][0]["reason"]
+    assert report["ratio_ort_cpu_over_torch_cpu"] > 0
