@@ -73,6 +73,54 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("eval_dirs", nargs="+", type=Path)
 
 
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="PNG of masks over a volume: 3D views + axial overlay")
+    p.add_argument("volume", type=Path, help="the scan (NIfTI, DICOM folder or MRC)")
+    p.add_argument("masks", nargs="+", type=Path, help="one label map, or one file per mask")
+    p.add_argument("-o", "--out", required=True, type=Path, help="the .png to write")
+    p.add_argument("--labels", type=Path, help="JSON naming the label values (default: sidecar)")
+    p.add_argument("--title", help="figure title (default: the volume's file name)")
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from promptseg.render import render
+
+    try:
+        info = render(args.volume, args.masks, args.out, labels_json=args.labels, title=args.title)
+    except ImportError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from exc
+    if info["empty"]:
+        print(f"promptseg render: warning: empty: {', '.join(info['empty'])}", file=sys.stderr)
+    print(f"wrote {info['path']}")
+    return 0
+
+
+def _add_grids(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grids", help="best/median/worst overlay grids per target and dataset")
+    p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
+    p.add_argument("--data-root", required=True, type=Path, help="the shared data folder")
+    p.add_argument("--out", required=True, type=Path, help="folder for grid_<dataset>.png")
+    p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--max-cases", type=int, default=0, help="first N cases only (0: all)")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def cmd_grids(args: argparse.Namespace) -> int:
+    from promptseg.grids import write_grids
+
+    write_grids(
+        args.checkpoint,
+        args.data_root,
+        args.out,
+        datasets=args.datasets,
+        split=args.split,
+        max_cases=args.max_cases,
+        threads=args.threads,
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from promptseg.report import summary_table
 
@@ -172,19 +220,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from promptseg.studies.command import cmd_study as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from promptseg.studies.command import add_study_parser
+
     parser = argparse.ArgumentParser(prog="promptseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    add_study_parser(sub)
     _add_evaluate(sub)
     _add_info(sub)
     _add_report(sub)
+    _add_render(sub)
+    _add_grids(sub)
     args = parser.parse_args(argv)
     handlers = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
         "info": cmd_info,
         "report": cmd_report,
+        "render": cmd_render,
+        "grids": cmd_grids,
+        "study": cmd_study,
     }
     try:
         return handlers[args.command](args)

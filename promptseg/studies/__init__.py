@@ -1,0 +1,1 @@
+"""Experiment studies: loss study, ablation, cross-modality (config-driven, seeded, resumable)."""
