@@ -25,12 +25,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.action == "run":
-        # Seeds outermost across all studies: every study gains seeds at the same pace.
-        by_seed: dict[int, list] = {}
-        for cfg in configs:
-            for _, _, spec in cfg.runs(args.data_root):
-                by_seed.setdefault(spec.seed, []).append(spec)
-        specs = [s for seed in sorted(by_seed) for s in by_seed[seed]]
+        # Studies in the order given, seeds ascending within each: the first study completes
+        # all its seeds before the next starts (shared runs are trained once).
+        specs = [s for cfg in configs for _, _, s in sorted(
+            cfg.runs(args.data_root), key=lambda r: r[2].seed)]  # fmt: skip
         run_all(specs, args.cache, args.workers, args.progress)
     from promptseg.studies.report import write_study
 
