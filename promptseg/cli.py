@@ -121,6 +121,26 @@ def cmd_grids(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_robustness(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("robustness", help="prompt robustness on the validation splits")
+    p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
+    p.add_argument("--data-root", required=True, type=Path, help="the shared data folder")
+    p.add_argument("--out", required=True, type=Path, help="folder for results.json, report.md")
+    p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--max-cases", type=int, default=0, help="first N cases per dataset (0: all)")
+    p.add_argument("--phrasings", type=int, default=3, help="train/held-out phrasings per case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--free-form", type=Path, help="JSON of free-form prompts (default: configs/)")
+    p.add_argument("--engine", type=Path, help="engine folder for refusal (default: packaged)")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from promptseg.robustness import main_args
+
+    return main_args(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from promptseg.report import summary_table
 
@@ -238,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_report(sub)
     _add_render(sub)
     _add_grids(sub)
+    _add_robustness(sub)
     args = parser.parse_args(argv)
     handlers = {
         "train": cmd_train,
@@ -247,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": cmd_render,
         "grids": cmd_grids,
         "study": cmd_study,
+        "robustness": cmd_robustness,
     }
     try:
         return handlers[args.command](args)
