@@ -245,19 +245,31 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def pick_samples(samples: list[dict], per_target: int = 3) -> list[dict]:
-    """Rule-based picks per target: best, median and worst Dice (failure cases included)."""
+    """Rule-based picks per target: best, median and worst Dice (failure cases included).
+
+    Each pick is a copy of its sample with ``"pick"`` naming the rule ("best", "median",
+    "worst", joined with "=" where one case is several of them).
+    """
     picked = []
     for target in dict.fromkeys(s["row"]["target"] for s in samples):
         sel = sorted(
             (s for s in samples if s["row"]["target"] == target), key=lambda s: s["row"]["dice"]
         )
-        idx = sorted({len(sel) - 1, len(sel) // 2, 0})[::-1][:per_target]
-        picked += [sel[i] for i in idx]
+        rules = {"best": len(sel) - 1, "median": len(sel) // 2, "worst": 0}
+        idx = sorted(set(rules.values()))[::-1][:per_target]
+        for i in idx:
+            pick = "=".join(name for name, j in rules.items() if j == i)
+            picked.append({**sel[i], "pick": pick})
     return picked
 
 
-def overlay_grid(samples: list[dict], path: Path, per_target: int = 3) -> Path:
-    """PNG grid: input | prediction | truth | overlay (prediction red, truth green, both yellow)."""
+def overlay_grid(
+    samples: list[dict], path: Path, per_target: int = 3, title: str | None = None
+) -> Path:
+    """PNG grid: input | prediction | truth | overlay (prediction red, truth green, both yellow).
+
+    Rows are :func:`pick_samples`' picks, each labelled with its rule; ``title`` goes on top.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,12 +284,16 @@ def overlay_grid(samples: list[dict], path: Path, per_target: int = 3) -> Path:
         rgb[..., 1] = np.where(s["truth"], 1.0, rgb[..., 1])
         tiles = [img, s["pred"], s["truth"], rgb]
         titles = ["input", "prediction", "truth", f"dice {s['row']['dice']:.3f}"]
-        for ax, tile, title in zip(ax_row, tiles, titles):
+        for ax, tile, text in zip(ax_row, tiles, titles):
             ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_title(title, fontsize=8)
+            ax.set_title(text, fontsize=8)
             ax.axis("off")
-        ax_row[0].set_title(f"{s['row']['case']} | {s['row']['target']}", fontsize=8)
-    fig.tight_layout()
+        ax_row[0].set_title(f"{s['pick']}: {s['row']['case']} | {s['row']['target']}", fontsize=8)
+    top = 1.0
+    if title:
+        fig.suptitle(title, fontsize=9)
+        top = 1.0 - (0.2 + 0.16 * (title.count("\n") + 1)) / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, top))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=80)
     plt.close(fig)

@@ -137,6 +137,7 @@ def run(
     threads: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    render: PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Segment inputs for prompts and write masks (the API of ``promptseg-run``).
 
@@ -158,6 +159,8 @@ def run(
         threads: ONNX Runtime intra-op threads (None: its default).
         progress: Show a tqdm progress bar over slices on stderr.
         log: Called with one line per written output and per warning.
+        render: Also draw a PNG picture of the label map (3-D views and an axial overlay,
+            :mod:`promptseg.render`; needs ``promptseg[render]``). One volume input only.
 
     Returns:
         One summary dict per input (output, backend, precision, engine hash, seconds per stage,
@@ -187,6 +190,8 @@ def run(
                 check_output(labels_sidecar(out), paths, False, what="labels sidecar")
     if json_path is not None:
         check_output(Path(json_path), paths, False, what="JSON summary")
+    if render is not None:
+        _check_render(Path(render), paths, kinds, outputs, json_path)
     # Read every input completely before the first inference (no partial outputs).
     loaded: dict[int, tuple[Volume | Image2D, list[str], float]] = {}
     budget = _CACHE_BYTES
@@ -243,6 +248,13 @@ def run(
                 sidecar = labels_sidecar(out)
                 write_text_atomic(_sidecar(result, inp, out, folder), sidecar)
             t_write = time.perf_counter() - t
+            if render is not None:
+                from promptseg.render import Mask, draw
+
+                t = time.perf_counter()
+                masks = [Mask(st["target"], result.labels == st["label"]) for st in result.stats]
+                draw(image, masks, render, title=f"{inp.name}: promptseg-run, {eng.backend}")
+                t_write += time.perf_counter() - t
             warnings_list = notes + result.warnings
             for w in warnings_list:
                 say(f"warning: {inp}: {w}")
@@ -254,9 +266,38 @@ def run(
             summaries.append(summary)
             found = ", ".join(f"{s['target']}: {s['voxels']} voxels" for s in result.stats)
             say(f"wrote {out} ({found})")
+            if render is not None:
+                summary["picture"] = str(render)
+                say(f"wrote {render}")
     if json_path is not None:
         write_text_atomic(json.dumps({"results": summaries}, indent=2) + "\n", json_path)
     return summaries
+
+
+def _check_render(
+    picture: Path,
+    paths: list[Path],
+    kinds: list[str],
+    outputs: list[Path],
+    json_path: PathLike | None,
+) -> None:
+    """Validate ``--render`` before any inference: one volume input, a free .png path, extras."""
+    if len(paths) != 1:
+        raise InputError("--render", f"draws one input's picture; got {len(paths)} inputs")
+    if kinds[0] == "image":
+        raise InputError(
+            "--render", f"{paths[0]} is a 2-D image; pictures are drawn for volumes only"
+        )
+    from promptseg import render as pictures
+
+    others = [*paths, *outputs, *([Path(json_path)] if json_path is not None else [])]
+    if any(picture.resolve() == Path(o).resolve() for o in others):
+        raise InputError(picture, "--render path is an input or another output; choose another")
+    pictures.check_output(picture)
+    try:
+        pictures.check_available()
+    except ImportError as exc:
+        raise InputError("--render", str(exc).splitlines()[0]) from exc
 
 
 def _slice_axis(image: Volume, folder: EngineFolder) -> int:

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", type=int, default=None, metavar="N", help="volume of a 4-D NIfTI")
     p.add_argument("--series", default=None, metavar="UID", help="SeriesInstanceUID to read")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime threads")
+    p.add_argument(
+        "--render",
+        metavar="PNG",
+        help="also draw a picture of the masks (3-D views + axial overlay) to this .png; "
+        "one volume input; needs pip install 'promptseg[render]'",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
     return p
 
@@ -115,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             progress=not args.quiet,
             log=log,
+            render=args.render,
         )
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
