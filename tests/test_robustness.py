@@ -1,0 +1,242 @@
+"""``promptseg robustness``: a real (small) run of the shipped model through the CLI, its
+bookkeeping on real truth masks, and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from promptseg.data.datasets import DATASET_FOLDERS, load_cases
+from promptseg.robustness import (
+    DEFAULT_FREE_FORM,
+    FreeForm,
+    _Tally,
+    draw_phrasings,
+    heldout_kind,
+    kidney_confusion_row,
+    load_free_form,
+)
+
+MAX_CASES = 3  # BTCV val slices 48, 49 (right kidney only) and 50 (both kidneys)
+DATASETS = ("btcv-ct", "brain-tumor")
+
+
+def _run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "promptseg.cli", "robustness", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from promptseg.checkpoint import load_checkpoint
+
+    return load_checkpoint("default")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_root):
+    """The shipped model on the first 3 BTCV and brain validation cases, 1 phrasing per set."""
+    out = tmp_path_factory.mktemp("robustness") / "out"
+    result = _run(
+        "default",
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--datasets",
+        *DATASETS,
+        "--max-cases",
+        str(MAX_CASES),
+        "--phrasings",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
+def test_writes_numbers_and_one_png_only(small_run):
+    out, results, _ = small_run
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cases.csv",
+        "kidney_confusion.png",
+        "report.md",
+        "results.json",
+    ]
+    from PIL import Image
+
+    with Image.open(out / "kidney_confusion.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 150
+    meta = results["meta"]
+    assert meta["command"].startswith("promptseg robustness default --data-root ")
+    assert f"--max-cases {MAX_CASES}" in meta["command"] and "--phrasings 1" in meta["command"]
+    assert meta["datasets"]["btcv-ct"]["cases"] == MAX_CASES
+    assert meta["datasets"]["brain-tumor"]["cases"] == MAX_CASES
+
+
+def test_kidney_confusion_rows_sum_to_one(small_run):
+    _, results, _ = small_run
+    rows = results["kidney_confusion"]
+    assert set(rows) == {"btcv-ct"}  # brain slices are never used for the kidney matrix
+    for prompt in ("left kidney", "right kidney"):
+        r = rows["btcv-ct"][prompt]
+        fractions = [r["in_left"], r["in_right"], r["elsewhere"]]
+        if r["pred_voxels"]:
+            assert all(0.0 <= f <= 1.0 for f in fractions)
+            assert sum(fractions) == pytest.approx(1.0, abs=1e-9)
+        assert r["dice_right_n"] == 3 and r["dice_left_n"] == 1
+        assert all(0.0 <= r[k] <= 1.0 for k in ("dice_left", "dice_right"))
+
+
+def test_canonical_rows_match_promptseg_evaluate(small_run, data_root, tmp_path):
+    """Same model, same cases, same canonical prompts: the Dice means of evaluate."""
+    from promptseg.evaluate import evaluate
+
+    out, results, _ = small_run
+    with open(out / "cases.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for kind in DATASETS:
+        cases = list(load_cases(kind, data_root / DATASET_FOLDERS[kind], "val"))[:MAX_CASES]
+        present = sum(int(m.any()) for c in cases for m in c.masks.values())
+        canonical = [r for r in rows if r["dataset"] == kind and r["set"] == "canonical"]
+        assert len(canonical) == present
+        assert all(r["prompt"] == f"Segment the {r['target']}" for r in canonical)
+        summary = evaluate(
+            "default",
+            data_root / DATASET_FOLDERS[kind],
+            kind,
+            tmp_path / kind,
+            split="val",
+            threads=1,
+            max_cases=MAX_CASES,
+            progress=False,
+        )
+        for target, e in summary["targets"].items():
+            got = results["prompt_sets"][kind][target]["canonical"]
+            assert got["n"] == e["n"]
+            # Prompt batching differs (chunks of 8 vs all targets): allow a flipped pixel.
+            assert got["dice_mean"] == pytest.approx(e["dice_mean"], abs=5e-3)
+
+
+def test_wrong_target_counts_follow_the_domains(small_run):
+    _, results, _ = small_run
+    wrong = results["wrong_target"]
+    # The first 3 brain validation slices are meningiomas: glioma and pituitary prompts are
+    # same-domain wrong targets there, every abdominal prompt is cross-domain.
+    for target in ("glioma", "pituitary tumour"):
+        assert wrong["same"][target]["brain-tumor"]["n"] == MAX_CASES
+        assert wrong["cross"][target]["btcv-ct"]["n"] == MAX_CASES
+    assert "meningioma" not in wrong["same"]
+    for target in ("liver", "spleen", "left kidney", "right kidney", "liver tumour"):
+        assert wrong["cross"][target]["brain-tumor"]["n"] == MAX_CASES
+    # BTCV slices 48-50 contain no liver and no spleen; the left kidney is absent on 2 of them.
+    assert wrong["same"]["liver"]["btcv-ct"]["n"] == MAX_CASES
+    assert wrong["same"]["left kidney"]["btcv-ct"]["n"] == 2
+    for domain in ("same", "cross"):
+        for by_ds in wrong[domain].values():
+            for e in by_ds.values():
+                assert 0.0 <= e["empty_rate"] <= 1.0 and 0.0 <= e["mean_predicted_fraction"] <= 1
+
+
+def test_report_lists_every_phrasing_and_the_command(small_run):
+    _, results, report = small_run
+    ff = json.loads(DEFAULT_FREE_FORM.read_text())
+    for item in ff["targeted"]:
+        assert f"| {item['prompt']} | {item['target']} |" in report
+    for prompt in ff["off_topic"]:
+        assert f"| {prompt} |" in report
+    for target, phrasings in results["per_phrasing"]["heldout"].items():
+        for prompt in phrasings:
+            assert f"| {target} | {prompt} |" in report
+    assert results["meta"]["command"] in report and results["meta"]["git"] in report
+    for kind, targets in results["prompt_sets"].items():
+        for target, e in targets.items():
+            assert f"| {kind} | {target} | {e['canonical']['dice_mean']:.3f} ± " in report
+    for t in results["free_form"]["off_topic"]:
+        # Off-topic prompts are far from every known target: the runtime refuses them.
+        assert t["refusal"]["refused"] is True, t
+
+
+def test_confusion_bookkeeping_on_real_chaos_truth(data_root):
+    """Feeding the truth masks as predictions gives the identity matrix: no left/right swap."""
+    case = next(iter(load_cases("chaos-mr", data_root / DATASET_FOLDERS["chaos-mr"], "val")))
+    tally = _Tally(FreeForm((), (), Path("x"), ""))
+    for t in ("left kidney", "right kidney"):
+        tally.use(case, f"Segment the {t}", case.masks[t], ("kidney", t))
+    left = kidney_confusion_row(tally.kidney["chaos-mr"]["left kidney"])
+    right = kidney_confusion_row(tally.kidney["chaos-mr"]["right kidney"])
+    assert (left["in_left"], left["in_right"], left["elsewhere"]) == (1.0, 0.0, 0.0)
+    assert (right["in_left"], right["in_right"], right["elsewhere"]) == (0.0, 1.0, 0.0)
+    assert left["dice_left"] == 1.0 and left["dice_right"] == 0.0
+    assert right["dice_right"] == 1.0 and right["dice_left"] == 0.0
+    # CHAOS label 3 is the left kidney; it lies at higher row index (patient's left).
+    rows = (
+        np.nonzero(case.masks["left kidney"])[1].mean(),
+        np.nonzero(case.masks["right kidney"])[1].mean(),
+    )
+    assert rows[0] > rows[1]
+
+
+def test_phrasing_draws_and_heldout_kinds(loaded):
+    vocab = loaded.vocabulary
+    for target in vocab.targets:
+        drawn = draw_phrasings(loaded, "heldout", target, "case/1", 5)
+        assert len(set(drawn)) == 5 and set(drawn) <= set(vocab.heldout_prompts(target))
+        assert draw_phrasings(loaded, "heldout", target, "case/1", 5) == drawn  # deterministic
+        kinds = [heldout_kind(loaded, target, p) for p in vocab.heldout_prompts(target)]
+        n_syn, n_tmpl = len(vocab.heldout_synonyms[target]), len(vocab.heldout_templates)
+        assert kinds.count("synonym") == n_syn * len(vocab.templates)
+        assert kinds.count("template") == len(vocab.synonyms[target]) * n_tmpl
+        assert kinds.count("synonym+template") == n_syn * n_tmpl
+        assert "unknown" not in kinds
+
+
+def test_free_form_file_is_validated(tmp_path, loaded):
+    shipped = load_free_form(DEFAULT_FREE_FORM, loaded.vocabulary.targets)
+    assert 8 <= len(shipped.targeted) <= 12 and len(shipped.off_topic) >= 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"targeted": [{"prompt": "x", "target": "femur"}], "off_topic": []}))
+    with pytest.raises(ValueError, match="bad.json.*'femur'"):
+        load_free_form(bad, loaded.vocabulary.targets)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_free_form(bad, loaded.vocabulary.targets)
+
+
+def test_bad_checkpoint_exits_2_with_one_line(tmp_path, data_root):
+    out = tmp_path / "out"
+    result = _run(str(tmp_path / "missing.pt"), "--data-root", str(data_root), "--out", str(out))
+    assert result.returncode == 2
+    lines = _lines(result.stderr)
+    assert len(lines) == 1 and "missing.pt" in lines[0] and "checkpoint not found" in lines[0]
+    assert lines[0].startswith("promptseg robustness: error:")
+    assert not out.exists()
+
+
+def test_bad_free_form_file_exits_2_with_one_line(tmp_path, data_root):
+    bad = tmp_path / "prompts.json"
+    bad.write_text(json.dumps({"targeted": [{"prompt": "x", "target": "lung"}], "off_topic": []}))
+    out = tmp_path / "out"
+    result = _run(
+        "default", "--data-root", str(data_root), "--out", str(out), "--free-form", str(bad)
+    )
+    assert result.returncode == 2
+    lines = _lines(result.stderr)
+    assert len(lines) == 1 and "prompts.json" in lines[0] and "'lung'" in lines[0], lines
+    assert not out.exists()
