@@ -61,6 +61,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--postprocess",
+        choices=["none", "largest"],
+        default="none",
+        help="'largest': keep the largest 3D component of organ masks in volumes",
+    )
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -216,6 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch=args.batch,
         threads=args.threads,
         threshold=args.threshold,
+        postprocess=args.postprocess,
     )
     for target, row in summary["targets"].items():
         print(f"{target:18s} dice {row['dice_mean']:.4f}  n={row['n']}")

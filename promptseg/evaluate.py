@@ -23,6 +23,7 @@ from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
 from promptseg.data.bank import DOMAIN
 from promptseg.data.datasets import Case, load_cases
 from promptseg.metrics import segmentation_metrics
+from promptseg.postprocess import applies, largest_component
 from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
 
 METRIC_KEYS = (
@@ -118,6 +119,7 @@ def evaluate(
     threshold: float = 0.5,
     max_cases: int = 0,
     progress: bool = True,
+    postprocess: str = "none",
 ) -> dict:
     """Evaluate every case of ``data`` (or one split); write cases.csv, summary.json, PNG grid."""
     torch.set_num_threads(threads)
@@ -141,6 +143,8 @@ def evaluate(
         probs = predictor.predict(slices, prompts)
         for target, prompt, prob in zip(targets, prompts, probs):
             pred = prob > threshold
+            if applies(target, postprocess, case.is_volume):
+                pred = largest_component(pred)
             truth = case.masks[target]
             if truth.any():
                 m = segmentation_metrics(
@@ -173,6 +177,7 @@ def evaluate(
                     }
                 )
     summary = _summarise(rows, absent, kidney, loaded, dataset, split, prompt_set, threshold)
+    summary["postprocess"] = postprocess
     summary["seconds"] = round(time.time() - started, 1)
     _write_csv(rows, out / "cases.csv")
     _write_csv(absent, out / "absent.csv")

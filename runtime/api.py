@@ -25,6 +25,7 @@ from promptseg.data.readers import (
     write_png_atomic,
     write_text_atomic,
 )
+from promptseg.postprocess import POSTPROCESS_MODES
 from promptseg.runtime.engines import (
     PRECISIONS,
     BackendError,
@@ -138,6 +139,7 @@ def run(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     render: PathLike | None = None,
+    postprocess: str = "largest",
 ) -> list[dict[str, Any]]:
     """Segment inputs for prompts and write masks (the API of ``promptseg-run``).
 
@@ -161,6 +163,7 @@ def run(
         log: Called with one line per written output and per warning.
         render: Also draw a PNG picture of the label map (3-D views and an axial overlay,
             :mod:`promptseg.render`; needs ``promptseg[render]``). One volume input only.
+        postprocess: "largest" (keep each organ's largest 3D component in volumes) or "none".
 
     Returns:
         One summary dict per input (output, backend, precision, engine hash, seconds per stage,
@@ -177,6 +180,10 @@ def run(
             "INPUT", "no input given; expected NIfTI files, DICOM folders or 2-D images"
         )
     _check_options(backend, precision, batch, threshold, modality, volume)
+    if postprocess not in POSTPROCESS_MODES:
+        raise InputError(
+            "--postprocess", f"unknown mode {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}"
+        )
     t_start = time.perf_counter()
     folder = engine if isinstance(engine, EngineFolder) else EngineFolder.open(engine)
     resolver = PromptResolver(folder, threads=threads)
@@ -235,6 +242,7 @@ def run(
                     modality=modality,
                     axcodes=folder.axcodes,
                     progress=bar.update if bar is not None else None,
+                    postprocess=postprocess,
                 )
             finally:
                 if bar is not None:

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also draw a picture of the masks (3-D views + axial overlay) to this .png; "
         "one volume input; needs pip install 'promptseg[render]'",
     )
+    p.add_argument(
+        "--postprocess",
+        default="largest",
+        metavar="largest|none",
+        help="largest (default): keep the largest 3-D connected component of each organ "
+        "(liver, spleen, each kidney) in a volume; none: keep every component",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
     return p
 
@@ -122,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             log=log,
             render=args.render,
+            postprocess=args.postprocess,
         )
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

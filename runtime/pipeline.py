@@ -10,7 +10,10 @@ Steps (docs/engine_format.md, "Using it"):
 4. Logits are resized to the input grid, passed through the sigmoid and thresholded
    (:func:`promptseg.preprocess.logits_to_probability`); with several prompts the label of the
    most probable prompt wins where more than one exceeds the threshold (labels 1..K).
-5. The label map goes back to the input orientation.
+5. Post-processing (``postprocess="largest"``, the default): in a volume, each single-organ
+   target (liver, spleen, either kidney) keeps only its largest 3D connected component
+   (:mod:`promptseg.postprocess`); tumour masks are never reduced.
+6. The label map goes back to the input orientation.
 
 Modality ``auto``: a DICOM series uses its Modality tag (CT or MR). Otherwise a volume is CT
 when its minimum is below -500 and its values look like Hounsfield units (minimum >= -3100,
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from promptseg.data.readers import InputError, Volume
+from promptseg.postprocess import POSTPROCESS_MODES, applies, largest_component
 from promptseg.preprocess import (
     Preprocessing,
     intensity_bounds,
@@ -129,6 +133,14 @@ def _check_engine(engine: Engine, pre: Preprocessing, film_dim: int) -> int:
     return res
 
 
+def _have_scipy() -> bool:
+    try:
+        import scipy.ndimage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def segment(
     image: Volume | Image2D,
     prompts: Sequence[str | ResolvedPrompt],
@@ -141,6 +153,7 @@ def segment(
     modality: str = "auto",
     axcodes: str = "LAS",
     progress: Callable[[int], None] | None = None,
+    postprocess: str = "largest",
 ) -> SegmentationResult:
     """Segment a volume or 2-D image for one or several prompts.
 
@@ -155,6 +168,8 @@ def segment(
         modality: "auto", "ct" or "mr" (see the module docstring).
         axcodes: Training orientation of (rows, columns, slices).
         progress: Called with the number of slices finished after every batch.
+        postprocess: "largest" keeps the largest 3D connected component of each single-organ
+            target (liver, spleen, each kidney) in a volume; "none" keeps every component.
 
     Returns:
         The :class:`SegmentationResult`; an all-constant input gives an empty mask and a warning.
@@ -163,6 +178,10 @@ def segment(
         raise InputError("--batch", f"must be at least 1, got {batch}")
     if not 0.0 < threshold < 1.0:
         raise InputError("--threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
+    if postprocess not in POSTPROCESS_MODES:
+        raise InputError(
+            "--postprocess", f"unknown mode {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}"
+        )
     resolved = _resolve(prompts, resolver)
     res = _check_engine(engine, preprocessing, int(resolved[0].film.shape[-1]))
     t0 = time.perf_counter()
@@ -230,6 +249,14 @@ def segment(
     elif progress is not None:
         progress(n_slices)
     t = time.perf_counter()
+    if reo is not None and not constant and postprocess != "none" and not _have_scipy():
+        warn.append("SciPy is not installed: organ masks keep every connected component")
+        postprocess = "none"
+    if reo is not None and not constant:
+        for k, rp in enumerate(resolved, start=1):
+            if applies(rp.target, postprocess, is_volume=n_slices > 1):
+                mine = labels_zhw == k
+                labels_zhw[mine & ~largest_component(mine)] = 0
     counts = np.bincount(labels_zhw.ravel(), minlength=len(resolved) + 1)
     per_slice = [np.any(labels_zhw == k, axis=(1, 2)) for k in range(1, len(resolved) + 1)]
     if reo is None:
