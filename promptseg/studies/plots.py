@@ -14,6 +14,7 @@ LABELS = {
     "recall": "recall",
     "hd95": "HD95 (px)",
     "kappa": "kappa",
+    "empty_rate": "empty rate (absent prompts)",
 }
 
 

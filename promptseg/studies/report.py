@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def write_study(
         for a in arms:
             for s in seeds:
                 r = by_arm[a][s]
-                name = f"{task}_{a}_seed{s}.json".replace(" ", "_").replace("+", "plus")
+                arm_slug = re.sub(r"[^A-Za-z0-9]+", "_", a.replace("+", "plus")).strip("_")
+                name = f"{task}_{arm_slug}_seed{s}.json"
                 shutil.copyfile(cache / "runs" / f"{r['key']}.json", out / "runs" / name)
                 run_rows.append(
                     {"task": task, "arm": a, "seed": s, "key": r["key"]}
