@@ -4,6 +4,21 @@ The TorchScript exporter (``dynamo=False``) gives the cleanest graph for this mo
 it folds every BatchNorm that follows a convolution into the convolution. The few that do not
 follow one (the bottleneck BN after SE) are rewritten here into ``Mul`` + ``Add`` with constant
 per-channel scale and shift, so the shipped graph has no ``BatchNormalization`` node at all.
+
+Two further rewrites (:func:`rewrite_attention`) replace the CBAM spatial attention's operators
+by equivalent ones that ONNX Runtime's CPU provider runs several times faster (profiled on the
+default model at batch 1, one thread: the channel ``ReduceMean``/``ReduceMax`` took about a fifth
+of the run, at ~3 ns per element, and the 7x7 two-channel convolution ran padded to the NCHWc
+block of 8 output channels):
+
+* channel mean and max (``ReduceMean``/``ReduceMax`` over axis 1) -> one pairwise tree of
+  ``Split`` into channel halves, ``Add`` and ``Max`` shared by both, mean = sum * (1/C);
+* the spatial-attention convolution (1 output channel, k x k "same", e.g. 7x7 over the
+  [mean, max] maps) -> ``SpaceToDepth(4)`` -> 3x3 convolution with 16 outputs (weights
+  rearranged, same taps) -> activation -> ``DepthToSpace(4)``, which ONNX Runtime runs as a
+  block-aligned NCHWc convolution.
+
+Both compute the same values up to float summation order (max |logit| change ~1e-6).
 """
 
 from __future__ import annotations
@@ -75,6 +90,7 @@ def export_unet(unet: Any, *, resolution: int, film_dim: int, opset: int) -> tup
     drop_identities(model)
     model = fold_batchnorm(model)
     assert_no_batchnorm(model)
+    rewrite_attention(model)
     check_io(model, resolution, film_dim)
     return model, exporter
 
@@ -253,6 +269,307 @@ def _drop_unused(model: Any) -> None:
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+# --------------------------------------------------------------------------- attention rewrites
+
+SPACE_TO_DEPTH_BLOCK = 4
+
+
+def rewrite_attention(model: Any) -> dict[str, int]:
+    """Rewrite the CBAM channel reductions and convolution in place (see the module docstring).
+
+    Nodes whose shapes are not static (apart from the batch) or do not fit are left unchanged.
+
+    Returns:
+        Number of rewritten sites per rewrite: ``channel_reductions``, ``space_to_depth_convs``.
+    """
+    import onnx
+
+    shapes = _static_shapes(model)
+    counts = {
+        "channel_reductions": channel_reductions_to_tree(model, shapes),
+        "space_to_depth_convs": single_output_conv_to_space_to_depth(model, shapes),
+    }
+    if any(counts.values()):
+        _drop_unused(model)
+        onnx.checker.check_model(model)
+    return counts
+
+
+def _static_shapes(model: Any) -> dict[str, list[int | str]]:
+    """Tensor name -> dims (int, or the dim_param string) after ONNX shape inference."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    return {v.name: _dims(v) for v in (*graph.value_info, *graph.input, *graph.output)}
+
+
+def _reduce_axes(node: Any, consts: dict[str, np.ndarray], rank: int) -> list[int] | None:
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in consts:
+            return None
+        axes = consts[node.input[1]].reshape(-1).tolist()
+    else:
+        axes = attrs.get("axes")
+    if axes is None or not attrs.get("keepdims", 1) or attrs.get("noop_with_empty_axes", 0):
+        return None
+    return sorted(int(a) % rank for a in axes)
+
+
+def channel_reductions_to_tree(model: Any, shapes: dict[str, list[int | str]]) -> int:
+    """Replace ``ReduceMean``/``ReduceMax`` over axis 1 (keepdims) of 4-D tensors, in place.
+
+    All such reductions of one tensor share a tree: split the channels into halves (an odd
+    channel is set aside and joins at the end), ``Max`` and ``Add`` the halves, repeat until one
+    channel is left; the mean is the sum times 1/C. Same values as the reductions up to float
+    summation order. Returns the number of tensors rewritten.
+    """
+    graph = model.graph
+    consts = _constants(model)
+    old_nodes = list(graph.node)  # one wrapper per node: id() below stays valid
+    sites: dict[str, dict[str, Any]] = {}
+    for node in old_nodes:
+        if node.op_type not in ("ReduceMean", "ReduceMax") or not node.input:
+            continue
+        dims = shapes.get(node.input[0], [])
+        if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            continue
+        if dims[1] > 1 and _reduce_axes(node, consts, 4) == [1]:
+            sites.setdefault(node.input[0], {}).setdefault(node.op_type, node)
+    replaced = {id(n) for site in sites.values() for n in site.values()}
+    count = len(sites)
+    new_nodes: list[Any] = []
+    new_inits: list[Any] = []
+    for node in old_nodes:
+        if id(node) not in replaced:
+            new_nodes.append(node)
+        elif node.input[0] in sites:  # emit the tree at the first reduction of the tensor
+            site = sites.pop(node.input[0])
+            nodes, inits = _reduction_tree(
+                node.input[0],
+                int(shapes[node.input[0]][1]),
+                site.get("ReduceMax"),
+                site.get("ReduceMean"),
+                f"{node.name or node.output[0]}_tree",
+                _opset(model),
+            )
+            new_nodes += nodes
+            new_inits += inits
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    drop_identities(model)
+    return count
+
+
+def _opset(model: Any) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def _reduction_tree(
+    x: str, channels: int, max_node: Any | None, mean_node: Any | None, prefix: str, opset: int
+) -> tuple[list[Any], list[Any]]:
+    """Nodes and initializers computing ``max_node``'s and ``mean_node``'s outputs from ``x``."""
+    from onnx import helper, numpy_helper
+
+    nodes: list[Any] = []
+    inits: list[Any] = []
+
+    def split(source: str, tag: str, sizes: list[int], level: int) -> list[str]:
+        parts = [f"{prefix}_{tag}{level}_{i}" for i in range(len(sizes))]
+        name = f"{prefix}_{tag}{level}_split"
+        if opset < 13:  # "split" was an attribute before opset 13
+            nodes.append(helper.make_node("Split", [source], parts, name=name, axis=1, split=sizes))
+            return parts
+        sizes_name = f"{prefix}_sizes{level}"
+        if not any(i.name == sizes_name for i in inits):
+            inits.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
+        nodes.append(helper.make_node("Split", [source, sizes_name], parts, name=name, axis=1))
+        return parts
+
+    max_src = sum_src = x
+    max_rest: list[str] = []
+    sum_rest: list[str] = []
+    width, level = channels, 0
+    while width > 1:
+        sizes = [width // 2, width // 2] + [1] * (width % 2)
+        if level == 0:  # both trees start from the same halves of x
+            max_parts = sum_parts = split(x, "x", sizes, level)
+        else:
+            max_parts = split(max_src, "max", sizes, level) if max_node is not None else []
+            sum_parts = split(sum_src, "sum", sizes, level) if mean_node is not None else []
+        if max_node is not None:
+            max_src = f"{prefix}_max{level}"
+            nodes.append(helper.make_node("Max", max_parts[:2], [max_src], name=max_src))
+            max_rest += max_parts[2:]
+        if mean_node is not None:
+            sum_src = f"{prefix}_add{level}"
+            nodes.append(helper.make_node("Add", sum_parts[:2], [sum_src], name=sum_src))
+            sum_rest += sum_parts[2:]
+        width, level = width // 2, level + 1
+    if max_node is not None:
+        op = "Max" if max_rest else "Identity"
+        nodes.append(
+            helper.make_node(op, [max_src, *max_rest], [max_node.output[0]], name=f"{prefix}_max")
+        )
+    if mean_node is not None:
+        if sum_rest:
+            total = f"{prefix}_sum"
+            nodes.append(helper.make_node("Sum", [sum_src, *sum_rest], [total], name=total))
+            sum_src = total
+        inv = f"{prefix}_inv_channels"
+        inits.append(numpy_helper.from_array(np.array(1.0 / channels, np.float32), inv))
+        nodes.append(
+            helper.make_node("Mul", [sum_src, inv], [mean_node.output[0]], name=f"{prefix}_mean")
+        )
+    return nodes, inits
+
+
+def space_to_depth_weights(weight: np.ndarray, block: int) -> tuple[np.ndarray, int] | None:
+    """Weights of the convolution on ``SpaceToDepth(block)`` input equal to a "same" conv.
+
+    Args:
+        weight: (1, C, k, k) weights of a stride-1 convolution with padding k // 2 (k odd).
+        block: The SpaceToDepth block size b.
+
+    Returns:
+        (b*b, C*b*b, K, K) weights (padding (K-1)/2 on the b-times smaller maps; output channel
+        oy*b+ox is output pixel (b*i+oy, b*j+ox), as DepthToSpace in DCR mode expects) and K,
+        or None if the kernel does not map onto a centred K x K kernel.
+    """
+    out_ch, in_ch, k, k2 = weight.shape
+    r = k // 2
+    lo, hi = -r // block, (block - 1 + r) // block
+    if out_ch != 1 or k != k2 or k % 2 != 1 or hi != -lo:
+        return None
+    size = hi - lo + 1
+    new = np.zeros((block * block, in_ch * block * block, size, size), np.float64)
+    w = weight.astype(np.float64)
+    for oy in range(block):
+        for ox in range(block):
+            for ky in range(k):
+                qy, iy = divmod(oy + ky - r, block)
+                for kx in range(k):
+                    qx, ix = divmod(ox + kx - r, block)
+                    chans = (iy * block + ix) * in_ch + np.arange(in_ch)
+                    new[oy * block + ox, chans, qy - lo, qx - lo] = w[0, :, ky, kx]
+    return new.astype(np.float32), size
+
+
+def single_output_conv_to_space_to_depth(
+    model: Any, shapes: dict[str, list[int | str]], block: int = SPACE_TO_DEPTH_BLOCK
+) -> int:
+    """Run single-output-channel k x k "same" convolutions (k >= 5) on space-to-depth maps.
+
+    ``Conv`` (1 output channel, few inputs) becomes ``SpaceToDepth(block)`` -> ``Conv`` with
+    block**2 outputs -> ``DepthToSpace(block)``; a ``Sigmoid`` that is the convolution's only
+    consumer moves before the ``DepthToSpace`` so ONNX Runtime fuses it into the convolution.
+    Only for static H and W divisible by ``block``. Returns the number of convolutions rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = _constants(model)
+    old_nodes = list(graph.node)  # one wrapper per node: id() below stays valid
+    consumers: dict[str, list[Any]] = {}
+    for node in old_nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    new_nodes: list[Any] = []
+    new_inits: list[Any] = []
+    moved: set[int] = set()
+    count = 0
+    for node in old_nodes:
+        if id(node) in moved:
+            continue
+        rewritten = _space_to_depth_conv(node, consts, shapes, block)
+        if rewritten is None:
+            new_nodes.append(node)
+            continue
+        weight, size, bias = rewritten
+        base = node.name or node.output[0]
+        w_name, b_name = f"{base}_s2d_weight", f"{base}_s2d_bias"
+        new_inits.append(numpy_helper.from_array(weight, w_name))
+        new_inits.append(numpy_helper.from_array(np.repeat(bias, block * block), b_name))
+        s2d, conv_out = f"{base}_s2d_input", f"{base}_s2d_output"
+        out = node.output[0]
+        after = consumers.get(out, [])
+        act = None
+        if len(after) == 1 and after[0].op_type == "Sigmoid" and out not in graph_outputs:
+            act = after[0]
+        new_nodes.append(
+            helper.make_node(
+                "SpaceToDepth", [node.input[0]], [s2d], name=f"{base}_s2d", blocksize=block
+            )
+        )
+        pad = (size - 1) // 2
+        new_nodes.append(
+            helper.make_node(
+                "Conv",
+                [s2d, w_name, b_name],
+                [conv_out],
+                name=f"{base}_s2d_conv",
+                kernel_shape=[size, size],
+                pads=[pad] * 4,
+            )
+        )
+        if act is not None:
+            activated = f"{base}_s2d_sigmoid"
+            new_nodes.append(
+                helper.make_node("Sigmoid", [conv_out], [activated], name=act.name or f"{base}_sig")
+            )
+            conv_out, out = activated, act.output[0]
+            moved.add(id(act))
+        new_nodes.append(
+            helper.make_node(
+                "DepthToSpace", [conv_out], [out], name=f"{base}_d2s", blocksize=block, mode="DCR"
+            )
+        )
+        count += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    return count
+
+
+def _space_to_depth_conv(
+    node: Any, consts: dict[str, np.ndarray], shapes: dict[str, list[int | str]], block: int
+) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """(weights, kernel size, bias) of the rewrite of ``node``, or None where it does not apply."""
+    from onnx import helper
+
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in consts:
+        return None
+    weight = consts[node.input[1]]
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if weight.ndim != 4 or weight.shape[0] != 1 or weight.shape[1] > 4 or weight.shape[2] < 5:
+        return None
+    if bias_name is not None and bias_name not in consts:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k = weight.shape[2]
+    if (
+        attrs.get("group", 1) != 1
+        or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        or list(attrs.get("pads", [0] * 4)) != [k // 2] * 4
+        or list(attrs.get("strides", [1, 1])) != [1, 1]
+        or list(attrs.get("dilations", [1, 1])) != [1, 1]
+    ):
+        return None
+    dims = shapes.get(node.input[0], [])
+    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 and d % block == 0 for d in dims[2:]):
+        return None
+    mapped = space_to_depth_weights(weight, block)
+    if mapped is None:
+        return None
+    bias = (consts[bias_name] if bias_name else np.zeros(1)).astype(np.float32).reshape(1)
+    return mapped[0], mapped[1], bias
 
 
 def assert_no_batchnorm(model: Any) -> None:

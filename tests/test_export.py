@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 from promptseg.export import ExportError, ExportInputError, export_model  # noqa: E402
 from promptseg.export.files import sha256_file  # noqa: E402
 from promptseg.export.fp16 import audit_fp16, audit_fp32, convert_fp16  # noqa: E402
-from promptseg.export.image_graph import fold_batchnorm  # noqa: E402
+from promptseg.export.image_graph import fold_batchnorm, rewrite_attention  # noqa: E402
 from promptseg.export.prompt_cache import load_cache, read_prompts_file  # noqa: E402
 from promptseg.export.refusal import choose_threshold  # noqa: E402
 
@@ -489,6 +489,41 @@ def test_fold_batchnorm_removes_every_bn_and_keeps_outputs(tmp_path):
     folded = fold_batchnorm(model)
     assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
     sess = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = net(x).numpy()
+    np.testing.assert_allclose(sess.run(["y"], {"x": x.numpy()})[0], ref, atol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    """SE then CBAM spatial attention (the UNet stage's tail) on ``channels`` channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        from promptseg.model.blocks import SpatialAttention, SqueezeExcitation
+
+        self.se = SqueezeExcitation(channels, 2)
+        self.cbam = SpatialAttention(channels)
+
+    def forward(self, x):
+        return self.cbam(self.se(x))
+
+
+@pytest.mark.parametrize(("channels", "size"), [(16, 16), (5, 12), (3, 10)])
+def test_rewrite_attention_keeps_outputs_and_drops_channel_reductions(tmp_path, channels, size):
+    torch.manual_seed(channels)
+    net = _Attention(channels)
+    x = torch.randn(3, channels, size, size)
+    model = _export_small(net, x, tmp_path / "attention.onnx")
+    counts = rewrite_attention(model)
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert counts["channel_reductions"] == 1 and "ReduceMax" not in ops
+    # the spatial ReduceMean of SE stays; the channel one is gone
+    assert ops.count("ReduceMean") == 1
+    # SpaceToDepth(4) needs H and W divisible by 4 (10 is not: the 7x7 conv stays)
+    assert counts["space_to_depth_convs"] == (size % 4 == 0)
+    assert ("SpaceToDepth" in ops) == (size % 4 == 0)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = net(x).numpy()
     np.testing.assert_allclose(sess.run(["y"], {"x": x.numpy()})[0], ref, atol=1e-5)
