@@ -15,6 +15,7 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel runs (one thread each)")
     p.add_argument("--data-root", dest="data_root", default=None)
     p.add_argument("--cache", type=Path, default=Path("runs/study_cache"))
+    p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -29,7 +30,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         # all its seeds before the next starts (shared runs are trained once).
         specs = [s for cfg in configs for _, _, s in sorted(
             cfg.runs(args.data_root), key=lambda r: r[2].seed)]  # fmt: skip
-        run_all(specs, args.cache, args.workers, args.progress)
+        run_all(specs, args.cache, args.workers, args.progress, args.device)
     from promptseg.studies.report import write_study
 
     for path, cfg in zip(args.configs, configs):

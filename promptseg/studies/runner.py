@@ -121,7 +121,7 @@ def _batch(banks: list, chunk: list):
     return images, masks
 
 
-def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10):
+def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: str = "cpu"):
     """Train one model for ``spec.steps`` steps; returns (model, loss curve, seconds)."""
     import torch
 
@@ -143,7 +143,7 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10):
         cbam=spec.cbam,
     )
     torch.manual_seed(spec.seed)
-    model = PromptSegModel(config, next(iter(emb.values())).shape[0])
+    model = PromptSegModel(config, next(iter(emb.values())).shape[0]).to(device)
     loss_fn = build_loss(spec.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.steps)
@@ -164,7 +164,7 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10):
         film_in = torch.stack(
             [torch.from_numpy(emb[vocab.sample(s.target, rng)]) for _, s in chunk]
         )
-        loss = loss_fn(model(images, film_in), masks)
+        loss = loss_fn(model(images.to(device), film_in.to(device)), masks.to(device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"run {spec.key()}: loss became {loss.item()} at {step}")
         opt.zero_grad(set_to_none=True)
@@ -178,7 +178,7 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10):
     return model, curve, time.time() - started
 
 
-def evaluate_run(model, spec: RunSpec, cache: Path = CACHE) -> dict:
+def evaluate_run(model, spec: RunSpec, cache: Path = CACHE, device: str = "cpu") -> dict:
     """Validation metrics at model resolution: per dataset, per target and macro means."""
     import torch
 
@@ -200,7 +200,7 @@ def evaluate_run(model, spec: RunSpec, cache: Path = CACHE) -> dict:
                 chunk = samples[i : i + 64]
                 images = torch.from_numpy(bank.images[[s.image for s in chunk]])[:, None]
                 e = torch.stack([torch.from_numpy(emb[vocab.canonical(s.target)]) for s in chunk])
-                pred = (model(images, e)[:, 0] > 0).numpy()
+                pred = (model(images.to(device), e.to(device))[:, 0] > 0).cpu().numpy()
                 for s, p in zip(chunk, pred):
                     if not s.positive:
                         empty.append(not p.any())
@@ -232,7 +232,7 @@ def _nanmean(values: list[float]) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
-def run_one(spec: RunSpec, cache: Path = CACHE, git: str = "unknown") -> Path:
+def run_one(spec: RunSpec, cache: Path = CACHE, git: str = "unknown", device: str = "cpu") -> Path:
     """Train + evaluate ``spec`` unless its result exists; returns the result path."""
     import torch
 
@@ -240,9 +240,9 @@ def run_one(spec: RunSpec, cache: Path = CACHE, git: str = "unknown") -> Path:
     if out.is_file():
         return out
     torch.set_num_threads(1)
-    model, curve, seconds = train_run(spec, cache)
+    model, curve, seconds = train_run(spec, cache, device=device)
     t0 = time.time()
-    result = evaluate_run(model, spec, cache)
+    result = evaluate_run(model, spec, cache, device)
     result.update(
         key=spec.key(),
         spec=spec.to_dict(),
@@ -252,6 +252,7 @@ def run_one(spec: RunSpec, cache: Path = CACHE, git: str = "unknown") -> Path:
         git=git,
         torch=torch.__version__,
         threads=1,
+        device=device,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(out, result)
@@ -267,9 +268,14 @@ def _worker_init() -> None:
 
 
 def run_all(
-    specs: list[RunSpec], cache: Path = CACHE, workers: int = 1, progress: bool = True
+    specs: list[RunSpec],
+    cache: Path = CACHE,
+    workers: int = 1,
+    progress: bool = True,
+    device: str = "cpu",
 ) -> list[Path]:
-    """Run every spec not yet done (``workers`` processes, one thread each)."""
+    """Run every spec not yet done (``workers`` processes, one thread each; ``device``: a torch
+    device such as "cuda" for the paper preset on a GPU, recorded in each result)."""
     from tqdm import tqdm
 
     prepare_inputs(specs, cache, progress)
@@ -281,14 +287,14 @@ def run_all(
     bar = tqdm(total=len(todo), desc="study runs", disable=not progress)
     if workers <= 1:
         for s in todo:
-            paths.append(run_one(s, cache, git))
+            paths.append(run_one(s, cache, git, device))
             bar.update()
     else:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = {pool.submit(run_one, s, cache, git): s for s in todo}
+            futures = {pool.submit(run_one, s, cache, git, device): s for s in todo}
             for fut in as_completed(futures):
                 paths.append(fut.result())
                 bar.update()
