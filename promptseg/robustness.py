@@ -359,6 +359,7 @@ def refusal_verdicts(prompts: Sequence[str], engine: str | Path | None = None) -
         }
     return {
         "engine": str(folder.path),
+        "engine_manifest_sha256": folder.manifest_sha256,
         "threshold": resolver.threshold,
         "engine_checkpoint_sha256": folder.manifest.get("checkpoint", {}).get("sha256"),
         "calibration_prompts": len(calibration),
@@ -409,6 +410,7 @@ def robustness(
         ValueError: Unknown dataset, bad numbers, malformed free-form file or checkpoint.
     """
     started = time.time()
+    git = _git_hash()  # at the start: the code that produced the numbers
     for kind in datasets:
         if kind not in KINDS:
             raise ValueError(f"unknown dataset {kind!r}; expected one of {list(KINDS)}")
@@ -461,7 +463,7 @@ def robustness(
     results = summarise(tally, loaded, verdicts)
     results["meta"] = {
         "command": command,
-        "git": _git_hash(),
+        "git": git,
         "checkpoint": str(checkpoint),
         "checkpoint_path": str(ckpt_path),
         "checkpoint_sha256": _sha256(ckpt_path),
@@ -472,6 +474,7 @@ def robustness(
         "phrasings": phrasings,
         "seed": seed,
         "threshold": threshold,
+        "postprocess": "none",
         "free_form_file": str(ff.path),
         "free_form_sha256": ff.sha256,
         "vocabulary_sha256": loaded.vocabulary.sha256(),
@@ -768,7 +771,7 @@ def report_markdown(results: dict) -> str:
     )
     L.append(f"- data: validation split; {cases}")
     L.append(
-        f"- mask threshold {meta['threshold']}; {meta['phrasings']} distinct phrasing(s) per "
+        f"- mask: probability > {meta['threshold']}, no post-processing; {meta['phrasings']} distinct phrasing(s) per "
         f"(case, target) for the train and held-out sets (seed {meta['seed']}); "
         f"max cases per dataset: {meta['max_cases'] or 'all'}; {meta['seconds']} s"
     )
@@ -941,7 +944,8 @@ def _section_free(results: dict) -> list[str]:
             f"whose cosine to the nearest cached prompt embedding is below {_f(eng['threshold'], 4)} "
             f"(its calibrated threshold). The engine was exported from "
             f"{'this checkpoint' if same else 'a different checkpoint'} "
-            f"(sha256 `{eng['engine_checkpoint_sha256']}`). 'in calibration set': the prompt "
+            f"(sha256 `{eng['engine_checkpoint_sha256']}`; manifest sha256 "
+            f"`{eng['engine_manifest_sha256']}`). 'in calibration set': the prompt "
             "(normalised) was among the phrasings used to calibrate the threshold. Masks and Dice "
             "come from the PyTorch path whether or not the runtime would refuse the prompt."
         )
