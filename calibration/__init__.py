@@ -2,7 +2,9 @@
 
 ``quantize_int8`` (ONNX Runtime static quantisation, symmetric INT8 Q/DQ) is what
 ``promptseg-export --int8`` calls; ``modelopt_quantize`` is the TensorRT Model Optimizer path
-for GPU machines; ``python -m promptseg.calibration.parity`` compares Dice across backends.
+for GPU machines; ``mixed_precision_search`` is the sensitivity-driven float fallback that
+``quantize_int8(fallback_tolerance=...)`` runs; ``python -m promptseg.calibration.parity``
+compares Dice across backends.
 Names are imported lazily so ``import promptseg.calibration`` stays cheap.
 """
 
@@ -18,6 +20,8 @@ _EXPORTS = {
     "build_calibration_set": "data",
     "read_prompt_cache": "data",
     "resolve_calibration": "data",
+    "build_proxy_set": "mixed",
+    "mixed_precision_search": "mixed",
     "count_qdq": "quantize",
     "modelopt_quantize": "quantize",
     "quantize_int8": "quantize",

@@ -41,6 +41,10 @@ TEXT_COSINE_FP32 = 0.999
 TEXT_COSINE_INT8 = 0.99
 FILM_ATOL = 1e-4
 INT8_WARN_DICE = 0.9
+# Tolerance of the INT8 float fallback on its train-split proxy: the parity check's 0.005 Dice,
+# applied to |mean| + 2 standard errors of the per-case differences of every target
+# (promptseg.calibration.mixed.compare_dice).
+INT8_FALLBACK_TOLERANCE = 0.005
 
 
 @dataclass
@@ -66,6 +70,8 @@ def export_model(
     fp16: bool = False,
     int8: bool = False,
     calib_data: str | os.PathLike[str] | None = None,
+    calib_samples: int | None = None,
+    int8_fallback_tolerance: float | None = INT8_FALLBACK_TOLERANCE,
     prompts_file: str | os.PathLike[str] | None = None,
     opset: int = 17,
     max_batch: int = 32,
@@ -82,6 +88,12 @@ def export_model(
         fp16: Also write ``model.fp16.onnx`` (range-audited FP16 conversion).
         int8: Also write ``model.int8.onnx`` through ``promptseg.calibration.quantize_int8``.
         calib_data: Calibration data for ``int8``: a dataset root or a calibration ``.npz``.
+        calib_samples: Calibration samples drawn from a dataset root (default 128); not with
+            a ``.npz``, which holds its own samples.
+        int8_fallback_tolerance: Keep the most sensitive INT8 nodes in float until, on a
+            train-split proxy, every target's Dice difference to FP32 (mean + 2 standard
+            errors over its cases) is within this value (``promptseg.calibration.mixed``);
+            None: plain static INT8.
         prompts_file: Extra prompts for the cache, one per line (``prompt[<TAB>target]``).
         opset: ONNX opset of every graph.
         max_batch: Largest batch of the TensorRT optimisation profile.
@@ -98,6 +110,7 @@ def export_model(
         ExportError: a graph failed its checks (CLI exit 1).
     """
     _check_args(opset, max_batch, text_encoder_quant, int8, calib_data, prompts_file)
+    _check_int8_args(int8, calib_data, calib_samples, int8_fallback_tolerance)
     from promptseg.checkpoint import resolve_checkpoint
 
     try:
@@ -116,7 +129,8 @@ def export_model(
         if fp16:
             _fp16(state)
         if int8:
-            _int8(state, Path(calib_data))  # type: ignore[arg-type]
+            _int8(state, Path(calib_data), calib_samples, int8_fallback_tolerance,  # type: ignore[arg-type]
+                  data_root)  # fmt: skip
         if verify:
             _verify_images(state)
         _tensorrt(state, final, max_batch, fp16)
@@ -163,6 +177,25 @@ def _check_args(
                 f"{calib_data}: calibration data not found (a dataset root or a calibration .npz)"
             )
         _quantize_int8()
+
+
+def _check_int8_args(
+    int8: bool, calib_data: Any, calib_samples: int | None, tolerance: float | None
+) -> None:
+    if not int8:
+        if calib_samples is not None:
+            raise ExportInputError("calib_samples is only used with int8=True (--int8)")
+        return
+    if calib_samples is not None:
+        if int(calib_samples) < 1:
+            raise ExportInputError(f"calib_samples must be >= 1, got {calib_samples}")
+        if calib_data is not None and Path(calib_data).is_file():
+            raise ExportInputError(
+                f"{calib_data}: a saved calibration set holds its own samples; calib_samples "
+                "(--calib-samples) applies to a dataset root"
+            )
+    if tolerance is not None and not 0.0 <= float(tolerance) < 1.0:
+        raise ExportInputError(f"int8_fallback_tolerance must be in [0, 1), got {tolerance}")
 
 
 def _quantize_int8() -> Any:
@@ -470,19 +503,31 @@ def _fp16(state: _State) -> None:
     )
 
 
-def _int8(state: _State, calib_data: Path) -> None:
+def _int8(
+    state: _State,
+    calib_data: Path,
+    calib_samples: int | None,
+    fallback_tolerance: float | None,
+    data_root: Any,
+) -> None:
     import onnx
 
     from promptseg.export.image_graph import check_io, set_metadata
+    from promptseg.export.samples import resolve_data_root
 
     quantize_int8 = _quantize_int8()
     fp32, out = state.out / "model.onnx", state.out / "model.int8.onnx"
-    optional = {
+    optional: dict[str, Any] = {
         "prompt_cache": state.out / "prompt_cache.safetensors",
         "preprocessing": state.loaded.preprocessing,
         "resolution": state.loaded.config.resolution,
         "progress": state.progress.enabled,
+        "fallback_tolerance": fallback_tolerance,
     }
+    if calib_samples is not None:
+        optional["n"] = int(calib_samples)
+    if fallback_tolerance is not None:  # the proxy cases come from the train split
+        optional["proxy_data"] = calib_data if calib_data.is_dir() else resolve_data_root(data_root)
     params = inspect.signature(quantize_int8).parameters
     kwargs = {k: v for k, v in optional.items() if k in params}
     result = quantize_int8(fp32, out, calib_data, **kwargs)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from promptseg.export.api import INT8_FALLBACK_TOLERANCE
 from promptseg.export.files import ExportError
 
 
@@ -17,6 +18,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from exc
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
     return value
 
 
@@ -37,7 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib-data",
         type=Path,
-        help="calibration data for --int8: a dataset root or a calibration .npz",
+        help="calibration data for --int8: a dataset root or a calibration .npz "
+        "(promptseg.calibration.CalibrationSet.save)",
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=_positive,
+        help="calibration samples drawn from a dataset root (default 128)",
+    )
+    p.add_argument(
+        "--int8-fallback-tolerance",
+        type=_fraction,
+        default=INT8_FALLBACK_TOLERANCE,
+        help="keep the most sensitive INT8 nodes in float until, on a train-split proxy, "
+        "every target's Dice difference to FP32 (mean + 2 standard errors over its cases) is "
+        f"within this (default {INT8_FALLBACK_TOLERANCE})",
+    )
+    p.add_argument(
+        "--no-int8-fallback",
+        dest="int8_fallback",
+        action="store_false",
+        help="plain static INT8: no sensitivity-driven float fallback",
     )
     p.add_argument(
         "--prompts",
@@ -70,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--int8 needs --calib-data DIR")
     if args.calib_data is not None and not args.int8:
         parser.error("--calib-data is only used with --int8")
+    if args.calib_samples is not None and not args.int8:
+        parser.error("--calib-samples is only used with --int8")
+    if args.calib_samples is not None and args.calib_data.is_file():
+        parser.error(
+            f"--calib-samples applies to a dataset root; {args.calib_data} is a saved "
+            "calibration set with its own samples"
+        )
     from promptseg.export.api import export_model
 
     try:
@@ -79,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fp16=args.fp16,
             int8=args.int8,
             calib_data=args.calib_data,
+            calib_samples=args.calib_samples,
+            int8_fallback_tolerance=args.int8_fallback_tolerance if args.int8_fallback else None,
             prompts_file=args.prompts,
             opset=args.opset,
             max_batch=args.max_batch,

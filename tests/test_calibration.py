@@ -81,7 +81,8 @@ def engine_dir(tmp_path_factory, fitted_checkpoint, data_root) -> Path:
 
     out = tmp_path_factory.mktemp("engine") / "fitted"
     export_model(fitted_checkpoint, out, fp16=True, int8=True, calib_data=data_root,
-                 data_root=data_root, verify=False, progress=False)  # fmt: skip
+                 calib_samples=48, int8_fallback_tolerance=None, data_root=data_root,
+                 verify=False, progress=False)  # fmt: skip
     return out
 
 
@@ -212,8 +213,10 @@ def test_export_int8_runs_quantize_int8(engine_dir):
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     assert manifest["graphs"]["int8"] == "model.int8.onnx"
     report = manifest["int8"]
-    assert report["format"] == "QDQ" and report["symmetric"] and report["n_samples"] == 128
+    # --calib-samples reached the calibration; the fixture asked for no float fallback.
+    assert report["format"] == "QDQ" and report["symmetric"] and report["n_samples"] == 48
     assert report["quantize_linear"] > 0 and report["calibration"]["datasets"]
+    assert report["float_fallback"] is None
 
 
 @pytest.mark.slow
@@ -271,6 +274,116 @@ def test_quantize_int8_writes_a_symmetric_qdq_graph_close_to_fp32(engine_dir, da
 # set, truth-Dice change 0.002; quantising every op ("all") drops agreement to about 0.5.
 INT8_AGREEMENT = 0.85
 INT8_DICE_DROP = 0.05
+
+
+# Small proxy for the fallback tests: 3 brain slices per class, 1 CHAOS volume, 6 BTCV slices.
+SMALL_PROXY = {"brain_per_class": 3, "chaos_volumes": 1, "btcv_slices": 6}
+
+
+@pytest.mark.slow
+def test_float_fallback_ranks_nodes_and_writes_the_graph_it_scored(engine_dir, data_root, tmp_path):
+    import onnx
+
+    from promptseg.calibration import build_calibration_set, quantize_int8
+    from promptseg.calibration.data import film_for, read_prompt_cache
+    from promptseg.calibration.mixed import build_proxy_set, compare_dice, ort_session, proxy_dice
+    from promptseg.preprocess import Preprocessing
+
+    calib = build_calibration_set(data_root, engine_dir, n=32, seed=0, resolution=32)
+    out = tmp_path / "mixed.int8.onnx"
+    # Tolerance 0: the fully quantised graph cannot pass, so the sensitivity search runs.
+    report = quantize_int8(engine_dir / "model.onnx", out, calib, fallback_tolerance=0.0,
+                           proxy_data=data_root, sensitivity_samples=16, max_float=3,
+                           proxy_cases=SMALL_PROXY, threads=1)  # fmt: skip
+    fb = report["float_fallback"]
+    ranked = fb["sensitivity"]["ranked"]
+    damage = [r["damage"] for r in ranked]
+    assert len(ranked) >= 30 and damage == sorted(damage, reverse=True) and damage[0] > 0
+    trials = fb["trials"]
+    assert trials[0]["float_nodes"] == 0 and not trials[0]["pass"]
+    assert [t["float_nodes"] for t in trials[1:3]] == [1, 2]
+    # Kept-float nodes: first/last convolutions, then a prefix of the sensitivity ranking.
+    reasons = {k["node"]: k["reason"] for k in fb["kept_float"]}
+    kept = list(reasons)
+    extra = [n for n, why in reasons.items() if why.startswith("sensitivity rank")]
+    assert extra == [r["node"] for r in ranked[: len(extra)]]
+    assert report["kept_float"] == kept and fb["passed"] == bool(fb["final"]["max_bound"] <= 0.0)
+    assert 0.0 < fb["int8_mac_share"] < 1.0
+    graph = onnx.load(str(out)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.name in kept:
+            assert all(producer.get(i) != "DequantizeLinear" for i in node.input), node.name
+    # Proxy: train split only, held out from the calibration samples (LiTS: one train volume).
+    val, calib_ids = _val_ids(data_root), {str(c) for c in calib.case_id}
+    ids = fb["proxy"]["case_ids"]
+    assert ids and not any("/".join(i.split("/")[:2]) in val for i in ids)
+    assert not (set(ids) - {i for i in ids if i.startswith("lits/")}) & calib_ids
+    assert set(fb["proxy"]["datasets"]) == {"brain-tumor", "chaos-mr", "btcv-ct", "lits-ct"}
+    lits = [i.rsplit("/", 1)[1] for i in ids if i.startswith("lits/")]
+    assert lits == ["0-30", "30-59", "59-88"]  # 3D sub-volumes of the train slice block
+    # The written graph is the one the search scored: recompute its proxy differences.
+    cache = read_prompt_cache(engine_dir)
+    targets = sorted(fb["proxy_fp32_dice"])
+    films = {t: film_for(cache, f"Segment the {t}") for t in targets}
+    proxy = build_proxy_set(data_root, Preprocessing(resolution=32), targets,
+                            exclude=calib_ids, **SMALL_PROXY)  # fmt: skip
+    assert [c.case_id for c in proxy.cases] == ids
+    ref = proxy_dice(ort_session(engine_dir / "model.onnx", 1), proxy, films, 32)
+    again = compare_dice(ref, proxy_dice(ort_session(out, 1), proxy, films, 32))
+    assert again["max_abs_delta"] == pytest.approx(fb["final"]["max_abs_delta"], abs=1e-9)
+    assert again["bound"] == pytest.approx(fb["final"]["bound"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_float_fallback_stops_at_the_quantised_graph_when_it_passes(
+    engine_dir, data_root, tmp_path
+):
+    from promptseg.calibration import build_calibration_set, quantize_int8
+
+    calib = build_calibration_set(data_root, engine_dir, n=16, seed=0, resolution=32)
+    report = quantize_int8(engine_dir / "model.onnx", tmp_path / "m.onnx", calib,
+                           fallback_tolerance=0.99, proxy_data=data_root,
+                           proxy_cases=SMALL_PROXY, threads=1)  # fmt: skip
+    fb = report["float_fallback"]
+    assert fb["passed"] and len(fb["trials"]) == 1 and fb["sensitivity"] is None
+    assert all("first/last" in k["reason"] for k in fb["kept_float"]) and len(fb["kept_float"]) == 3
+    with pytest.raises(ValueError, match="proxy_data"):
+        quantize_int8(engine_dir / "model.onnx", tmp_path / "m.onnx", calib,
+                      fallback_tolerance=0.01, proxy_data=tmp_path / "nowhere")  # fmt: skip
+
+
+def test_export_cli_checks_the_calibration_options(tmp_path, capsys):
+    from promptseg.export.cli import main
+
+    npz = tmp_path / "calib.npz"
+    npz.write_bytes(b"")
+    cases = [
+        (["--calib-samples", "64"], "--calib-samples is only used with --int8"),
+        (["--int8", "--calib-data", str(npz), "--calib-samples", "64"], "applies to a dataset"),
+        (["--int8", "--calib-data", str(tmp_path), "--calib-samples", "0"], "positive integer"),
+        (["--int8", "--calib-data", str(tmp_path), "--int8-fallback-tolerance", "2"], "[0, 1)"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["default", "-o", str(tmp_path / "e"), *extra])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "e").exists()
+
+
+def test_compare_dice_bounds_the_noise_of_per_case_differences():
+    from promptseg.calibration.mixed import compare_dice
+
+    ref = {"a": [0.5, 0.5, 0.5, 0.5], "b": [0.8], "c": [0.1, 0.2]}
+    cand = {"a": [0.51, 0.49, 0.52, 0.48], "b": [0.79], "c": [0.1, 0.2]}
+    out = compare_dice(ref, cand)
+    assert out["delta"]["a"] == pytest.approx(0.0) and out["n"] == {"a": 4, "b": 1, "c": 2}
+    sd = np.std([0.01, -0.01, 0.02, -0.02], ddof=1)
+    assert out["bound"]["a"] == pytest.approx(2 * sd / 2) and out["bound"]["b"] == pytest.approx(
+        0.02
+    )
+    assert out["bound"]["c"] == 0.0 and out["max_bound"] == pytest.approx(0.02)
+    assert out["delta_mean"] == pytest.approx(-0.01 / 3)
 
 
 def test_quantize_int8_rejects_unknown_method(tmp_path):
