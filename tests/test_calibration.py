@@ -312,8 +312,10 @@ def test_float_fallback_ranks_nodes_and_writes_the_graph_it_scored(engine_dir, d
     graph = onnx.load(str(out)).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     for node in graph.node:
+        # A kept convolution has float weights. Its activation input may still come through
+        # Q/DQ when the same tensor also feeds an INT8 consumer (ORT quantises a tensor once).
         if node.name in kept:
-            assert all(producer.get(i) != "DequantizeLinear" for i in node.input), node.name
+            assert producer.get(node.input[1]) != "DequantizeLinear", node.name
     # Proxy: train split only, held out from the calibration samples (LiTS: one train volume).
     val, calib_ids = _val_ids(data_root), {str(c) for c in calib.case_id}
     ids = fb["proxy"]["case_ids"]
