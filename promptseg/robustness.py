@@ -52,6 +52,7 @@ from promptseg.evaluate import Predictor, _Prompting
 from promptseg.metrics import segmentation_metrics
 from promptseg.preprocess import normalize
 from promptseg.prompts import FREE_FORM
+from promptseg.runtime.manifest import sha256_file
 
 SETS = ("canonical", "train", "heldout")
 KIDNEYS = ("left kidney", "right kidney")
@@ -186,14 +187,6 @@ def _git_hash() -> str:
     from promptseg.studies.runner import git_hash
 
     return git_hash()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -466,7 +459,7 @@ def robustness(
         "git": git,
         "checkpoint": str(checkpoint),
         "checkpoint_path": str(ckpt_path),
-        "checkpoint_sha256": _sha256(ckpt_path),
+        "checkpoint_sha256": sha256_file(ckpt_path),
         "data_root": str(data_root),
         "split": "val",
         "datasets": counts,
