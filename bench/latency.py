@@ -94,14 +94,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -621,7 +613,7 @@ def run_benchmark(
             ckpt, why = _checkpoint_for(folder, checkpoint)
             engine_facts = {
                 "path": str(folder.path),
-                "manifest_sha256": _sha256(folder.path / "manifest.json"),
+                "manifest_sha256": folder.manifest_sha256,
                 "resolution": res,
                 "film_dim": folder.film_dim,
                 "graphs": folder.manifest.get("graphs"),

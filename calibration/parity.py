@@ -21,7 +21,6 @@ a graph misses the tolerance (``--no-fail``: report only) and 2 on bad input::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np
 from promptseg.data.datasets import DATASET_FOLDERS, KINDS, Case, load_cases
 from promptseg.metrics import confusion
 from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
+from promptseg.runtime.manifest import sha256_file
 
 __all__ = ["ROWS", "TOLERANCE", "format_markdown", "main", "run_parity"]
 
@@ -79,20 +79,31 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- predictors
+
+
+def case_counts(
+    data_root: str | Path, targets: Sequence[str], split: str = "val"
+) -> dict[str, int]:
+    """Cases per target that :func:`run_parity` scores on ``split`` (truth present), no inference.
+
+    The INT8 float fallback sizes its noise margin with these counts: a target checked on one
+    case needs a wider margin than one averaged over thirty.
+    """
+    root, wanted, counts = Path(data_root), set(targets), {}
+    for kind in KINDS:
+        if not (root / DATASET_FOLDERS[kind]).is_dir():
+            continue
+        for case in load_cases(kind, root / DATASET_FOLDERS[kind], split):
+            for target, mask in case.masks.items():
+                if target in wanted and mask.any():
+                    counts[target] = counts.get(target, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def engine_predictor(
@@ -158,7 +169,7 @@ def _checkpoint_for(folder: Any, checkpoint: str | Path | None) -> tuple[Path | 
             None,
             f"no --checkpoint and the manifest's checkpoint {facts.get('path')!r} is missing",
         )
-    if facts.get("sha256") and _sha256(path) != facts["sha256"]:
+    if facts.get("sha256") and sha256_file(path) != facts["sha256"]:
         return None, f"{path} differs from the checkpoint the engine was exported from (sha256)"
     return path, ""
 

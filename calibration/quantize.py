@@ -174,6 +174,7 @@ def _fallback(
         conv_macs,
         mixed_precision_search,
     )
+    from promptseg.calibration.parity import case_counts
     from promptseg.prompts import PromptVocabulary
 
     root = proxy_data
@@ -197,6 +198,7 @@ def _fallback(
     pre = preprocessing or _onnx_io(fp32_onnx)[2] or Preprocessing(resolution=calib.resolution)
     proxy = build_proxy_set(root, pre, list(films), exclude={str(c) for c in calib.case_id},
                             **(proxy_cases or {}))  # fmt: skip
+    eval_cases = case_counts(root, list(films), split="val")
     n = min(int(sensitivity_samples), len(calib))
     idx = np.unique(np.linspace(0, len(calib) - 1, max(1, n)).round().astype(int))
     ops = set(quantized_ops or OP_TYPES["conv"] or ())
@@ -217,8 +219,8 @@ def _fallback(
         lambda only, exclude: build(only, exclude, tmp / "trial.onnx"),
         fp32_onnx, candidates, reasons, proxy, films,
         calib.image[idx], calib.film[idx], calib.target[idx],
-        tolerance=tolerance, resolution=calib.resolution, max_float=max_float,
-        threads=threads, macs=conv_macs(source), progress=say,
+        tolerance=tolerance, resolution=calib.resolution, eval_cases=eval_cases,
+        max_float=max_float, threads=threads, macs=conv_macs(source), progress=say,
     )  # fmt: skip
     return kept, report
 
