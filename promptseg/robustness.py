@@ -26,7 +26,8 @@ grid; a brain tumour or BTCV slice is one case, scored in 2D) and its :class:`Pr
    threshold) would refuse it. Masks here come from the PyTorch path for every prompt, refused
    or not.
 
-Outputs: ``results.json`` (everything), ``cases.csv`` (one row per scored case and prompt),
+Outputs: ``results.json`` (everything), ``cases.csv`` (one row per scored case and prompt;
+BTCV and LiTS rows go to ``btcv-ct/cases.csv`` and ``lits-ct/cases.csv``, kept local),
 ``report.md`` (generated tables only) and ``kidney_confusion.png``. No image pixels are written.
 """
 
@@ -47,7 +48,7 @@ import torch
 
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
 from promptseg.data.bank import DOMAIN
-from promptseg.data.datasets import DATASET_FOLDERS, KINDS, Case, load_cases
+from promptseg.data.datasets import DATASET_FOLDERS, KINDS, LOCAL_ONLY, Case, load_cases
 from promptseg.evaluate import Predictor, _Prompting
 from promptseg.metrics import segmentation_metrics
 from promptseg.preprocess import normalize
@@ -656,7 +657,19 @@ def summarise(tally: _Tally, loaded: LoadedCheckpoint, verdicts: dict) -> dict:
 
 def _write_outputs(results: dict, rows: list[dict], out: Path) -> None:
     _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    tmp = out / ".cases.csv.tmp"
+    _write_csv(out / "cases.csv", [r for r in rows if r["dataset"] not in LOCAL_ONLY])
+    for dataset in LOCAL_ONLY:  # licence: these per-case rows stay local (.gitignore)
+        local = [r for r in rows if r["dataset"] == dataset]
+        if local:
+            (out / dataset).mkdir(exist_ok=True)
+            _write_csv(out / dataset / "cases.csv", local)
+    confusion_png(results, out / "kidney_confusion.png")
+    _atomic_write(out / "report.md", report_markdown(results))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV (floats to 6 decimals), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as fh:
         if rows:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -665,9 +678,7 @@ def _write_outputs(results: dict, rows: list[dict], out: Path) -> None:
                 writer.writerow(
                     {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
                 )
-    tmp.replace(out / "cases.csv")
-    confusion_png(results, out / "kidney_confusion.png")
-    _atomic_write(out / "report.md", report_markdown(results))
+    tmp.replace(path)
 
 
 def confusion_png(results: dict, path: Path) -> Path | None:

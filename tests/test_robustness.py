@@ -74,11 +74,21 @@ def small_run(tmp_path_factory, data_root):
 def test_writes_numbers_and_one_png_only(small_run):
     out, results, _ = small_run
     assert sorted(p.name for p in out.iterdir()) == [
+        "btcv-ct",
         "cases.csv",
         "kidney_confusion.png",
         "report.md",
         "results.json",
     ]
+    # Licence: BTCV per-case rows go to a folder .gitignore keeps local, never to cases.csv.
+    assert [p.name for p in (out / "btcv-ct").iterdir()] == ["cases.csv"]
+    with open(out / "cases.csv", newline="") as fh:
+        assert {r["dataset"] for r in csv.DictReader(fh)} == {"brain-tumor"}
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "--no-index", "results/x/btcv-ct/cases.csv"],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert ignored.returncode == 0
     from PIL import Image
 
     with Image.open(out / "kidney_confusion.png") as im:
@@ -109,8 +119,10 @@ def test_canonical_rows_match_promptseg_evaluate(small_run, data_root, tmp_path)
     from promptseg.evaluate import evaluate
 
     out, results, _ = small_run
-    with open(out / "cases.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = []
+    for path in (out / "cases.csv", out / "btcv-ct" / "cases.csv"):
+        with open(path, newline="") as fh:
+            rows += list(csv.DictReader(fh))
     for kind in DATASETS:
         cases = list(load_cases(kind, data_root / DATASET_FOLDERS[kind], "val"))[:MAX_CASES]
         present = sum(int(m.any()) for c in cases for m in c.masks.values())

@@ -23,6 +23,9 @@ import numpy as np
 from promptseg.prompts import TARGETS
 
 KINDS = ("brain-tumor", "chaos-mr", "btcv-ct", "lits-ct")
+# Licence: nothing from these may ship; per-case outputs about them stay in a folder of their
+# name, which .gitignore keeps local (results/**/btcv-ct/*.csv, results/**/lits-ct/*.csv).
+LOCAL_ONLY = ("btcv-ct", "lits-ct")
 ABDOMEN = ("liver", "spleen", "left kidney", "right kidney")
 BRAIN = ("glioma", "meningioma", "pituitary tumour")
 BRAIN_LABELS = {1: "meningioma", 2: "glioma", 3: "pituitary tumour"}
