@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from promptseg.studies.runner import CACHE
 from promptseg.studies.spec import StudyConfig
 
 
@@ -13,8 +14,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["run", "report"], help="run trainings, or write reports")
     p.add_argument("configs", nargs="+", type=Path, help="study config JSON files")
     p.add_argument("--workers", type=int, default=1, help="parallel runs (one thread each)")
-    p.add_argument("--data-root", dest="data_root", default=None)
-    p.add_argument("--cache", type=Path, default=Path("runs/study_cache"))
+    p.add_argument("--data-root", dest="data_root", default=None, help="for run: the data folder")
+    p.add_argument("--cache", type=Path, default=CACHE, help="banks, embeddings and run results")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -22,10 +23,12 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_study(args: argparse.Namespace) -> int:
     from promptseg.studies.runner import run_all
 
+    # Every config is validated before anything is created on disk.
     configs = [StudyConfig.load(p) for p in args.configs]
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.action == "run":
+        _check_device(args.device)
         # Studies in the order given, seeds ascending within each: the first study completes
         # all its seeds before the next starts (shared runs are trained once).
         specs = [s for cfg in configs for _, _, s in sorted(
@@ -34,6 +37,18 @@ def cmd_study(args: argparse.Namespace) -> int:
     from promptseg.studies.report import write_study
 
     for path, cfg in zip(args.configs, configs):
-        out = write_study(cfg, path, args.cache, args.data_root)
+        out = write_study(cfg, path, args.cache)
         print(f"{cfg.name}: wrote {out / 'report.md'}")
     return 0
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot parse or does not have, before anything is built."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: {str(exc).splitlines()[0]}") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is available")

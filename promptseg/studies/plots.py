@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from promptseg.data.readers import _atomic_write
+
 LABELS = {
     "dice": "Dice",
     "iou": "IoU",
@@ -28,10 +30,11 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    _plt().close(fig)
-    tmp.replace(path)
+    """Save atomically (a temp file with the same suffix, so savefig keeps the format)."""
+    try:
+        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    finally:
+        _plt().close(fig)
 
 
 def violins(values: dict[str, dict[str, list[float]]], metrics: list[str], title: str, path: Path):

@@ -8,6 +8,7 @@ distances in model pixels), per target and pooled over the test datasets.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from promptseg.studies.spec import RunSpec
+from promptseg.data.datasets import SPLITS_FILE
+from promptseg.data.readers import _atomic_write
+from promptseg.studies.spec import METRICS, RunSpec
 
-METRICS = ("dice", "iou", "f1", "precision", "recall", "hd95", "kappa")
 CACHE = Path("runs/study_cache")
+FINGERPRINT_KEYS = ("device", "splits_sha256", "encoder", "preprocessing")
 
 
 def git_hash() -> str:
@@ -42,48 +45,143 @@ def git_hash() -> str:
         return "unknown"
 
 
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder (studies' one writer)."""
+    blob = data.encode() if isinstance(data, str) else data
+    return _atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def splits_sha256() -> str:
+    return hashlib.sha256(SPLITS_FILE.read_bytes()).hexdigest()
+
+
+def preprocessing(resolution: int) -> dict:
+    """The preprocessing a bank at ``resolution`` is built with (JSON types)."""
+    from promptseg.preprocess import Preprocessing
+
+    return json.loads(json.dumps(Preprocessing(resolution=resolution).to_dict()))
+
+
+def fingerprint(spec: RunSpec, device: str, encoder: dict) -> dict:
+    """What a run's result depends on beyond its key: checked before a result is reused."""
+    return {
+        "device": device,
+        "splits_sha256": splits_sha256(),
+        "encoder": encoder,
+        "preprocessing": preprocessing(spec.resolution),
+    }
+
+
+def stale_reasons(result: dict, current: dict) -> list[str]:
+    """How a stored result's conditions differ from ``current`` ([] = reusable).
+
+    Results from before fingerprints only record (at most) their device, which defaults to
+    "cpu" (older code trained on the CPU only); they are reused unless that differs.
+    """
+    stored = result.get("fingerprint") or {"device": result.get("device", "cpu")}
+    return [
+        _difference(k, stored[k], current[k])
+        for k in FINGERPRINT_KEYS
+        if k in stored and stored[k] != current[k]
+    ]
+
+
+def _difference(key: str, old: object, new: object) -> str:
+    if key == "device":
+        return f"device {old} -> {new}"
+    if key == "splits_sha256":
+        return f"splits.json {str(old)[:12]} -> {str(new)[:12]}"
+    if key == "encoder" and isinstance(old, dict) and isinstance(new, dict):
+        return "text encoder " + ", ".join(
+            f"{k} {str(old.get(k))[:12]} -> {str(new.get(k))[:12]}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        )
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"{key} ({', '.join(changed)})"
+    return f"{key} {old} -> {new}"
+
+
+def _reusable(path: Path, current: dict) -> bool:
+    if not path.is_file():
+        return False
+    return not stale_reasons(json.loads(path.read_text()), current)
+
+
 # ----------------------------------------------------------------------------- cached inputs
 
 
-def _bank_path(cache: Path, dataset: str, split: str, resolution: int) -> Path:
-    return cache / f"bank_{dataset}_{split}_{resolution}.pkl"
+def _inputs_tag(data_root: str, resolution: int) -> str:
+    """Short hash of what a bank is built from besides dataset, split and resolution."""
+    text = json.dumps(
+        {
+            "splits_sha256": splits_sha256(),
+            "preprocessing": preprocessing(resolution),
+            "data_root": str(Path(data_root).resolve()),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def prepare_inputs(specs: list[RunSpec], cache: Path, progress: bool = True) -> None:
-    """Build (once) every data bank and the prompt embeddings the runs need."""
+def _bank_path(cache: Path, dataset: str, split: str, spec: RunSpec) -> Path:
+    tag = _inputs_tag(spec.data_root, spec.resolution)
+    return cache / f"bank_{dataset}_{split}_{spec.resolution}_{tag}.pkl"
+
+
+def prepare_inputs(specs: list[RunSpec], cache: Path, progress: bool = True) -> dict:
+    """Build (once) every data bank and the prompt embeddings the runs need; returns the text
+    encoder's identity (as a dict)."""
     from promptseg.data.bank import build_bank
     from promptseg.preprocess import Preprocessing
 
     cache.mkdir(parents=True, exist_ok=True)
-    needed = set()
+    needed: dict[Path, tuple[str, str, str, int]] = {}
     for s in specs:
-        needed |= {(d, "train", s.resolution, s.data_root) for d in s.train_datasets}
-        needed |= {(d, "val", s.resolution, s.data_root) for d in s.test_datasets}
-    for dataset, split, res, root in sorted(needed):
-        path = _bank_path(cache, dataset, split, res)
+        for split, datasets in (("train", s.train_datasets), ("val", s.test_datasets)):
+            for d in datasets:
+                needed[_bank_path(cache, d, split, s)] = (d, split, s.data_root, s.resolution)
+    for path, (dataset, split, root, res) in sorted(needed.items()):
         if not path.is_file():
             bank = build_bank(Path(root), [dataset], split, Preprocessing(resolution=res), progress)
-            _atomic_bytes(path, pickle.dumps(bank))
-    emb_path = cache / "embeddings.pkl"
-    if not emb_path.is_file():
-        from promptseg.model.text import TextEncoder
-        from promptseg.prompts import PromptVocabulary
-
-        vocab = PromptVocabulary()
-        encoder = TextEncoder()
-        prompts = list(vocab.all_prompts()) + [vocab.canonical(t) for t in vocab.targets]
-        emb = {p: e.numpy() for p, e in encoder.embed_unique(prompts).items()}
-        _atomic_bytes(emb_path, pickle.dumps({"embeddings": emb, "encoder": encoder.identity()}))
+            write_atomic(path, pickle.dumps(bank))
+    return _ensure_embeddings(cache)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _identity(value: object) -> dict:
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value or {})
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    _atomic_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+def _ensure_embeddings(cache: Path) -> dict:
+    """Prompt embeddings of the current text encoder: reused only if the stored encoder
+    identity matches and every prompt is there, else rebuilt."""
+    from promptseg.model.text import TextEncoder
+    from promptseg.prompts import PromptVocabulary
+
+    vocab = PromptVocabulary()
+    encoder = TextEncoder()
+    identity = _identity(encoder.identity())
+    prompts = list(vocab.all_prompts()) + [vocab.canonical(t) for t in vocab.targets]
+    path = cache / "embeddings.pkl"
+    if path.is_file():
+        stored = pickle.loads(path.read_bytes())
+        if _identity(stored.get("encoder")) == identity and set(prompts) <= set(
+            stored["embeddings"]
+        ):
+            return identity
+        print(f"{path}: text encoder or prompts changed; rebuilding the embeddings")
+    emb = {p: e.numpy() for p, e in encoder.embed_unique(prompts).items()}
+    write_atomic(path, pickle.dumps({"embeddings": emb, "encoder": encoder.identity()}))
+    _LOADED.pop(path, None)
+    return identity
 
 
 _LOADED: dict[Path, object] = {}
@@ -95,22 +193,41 @@ def _load(path: Path):
     return _LOADED[path]
 
 
+def _embedding_table(cache: Path):
+    """(E, D) tensor of every cached prompt embedding and prompt -> row."""
+    import torch
+
+    emb = _load(cache / "embeddings.pkl")["embeddings"]
+    index = {p: i for i, p in enumerate(emb)}
+    return torch.from_numpy(np.stack(list(emb.values()))), index
+
+
 # ----------------------------------------------------------------------------- one run
 
 
-def _train_samples(banks: list, targets: set[str], neg_ratio: float, rng: random.Random):
-    """(bank index, sample) pairs: all positives plus neg_ratio x as many hard negatives."""
+def _candidates(banks: list, targets: set[str]) -> tuple[list, list]:
+    """(bank index, sample) pairs of the hard positives and hard negatives, scanned once."""
     pos, neg = [], []
     for b, bank in enumerate(banks):
         for s in bank.samples:
             if s.target in targets and s.hard:
                 (pos if s.positive else neg).append((b, s))
+    return pos, neg
+
+
+def _train_samples(pos: list, neg: list, neg_ratio: float, rng: random.Random) -> list:
+    """One pass: all positives plus neg_ratio x as many hard negatives, shuffled.
+
+    Not train.epoch_samples: that takes one bank and mixes in easy negatives.
+    """
     picked = pos + rng.sample(neg, min(len(neg), int(round(neg_ratio * len(pos)))))
     rng.shuffle(picked)
     return picked
 
 
 def _batch(banks: list, chunk: list):
+    """Images and masks of (bank index, sample) pairs from several banks (train._batch_tensors
+    takes a single bank)."""
     import torch
 
     images = torch.from_numpy(np.stack([banks[b].images[s.image] for b, s in chunk]))[:, None]
@@ -131,8 +248,8 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: s
     from promptseg.train import augment, seed_everything
 
     seed_everything(spec.seed, 1)
-    emb = _load(cache / "embeddings.pkl")["embeddings"]
-    banks = [_load(_bank_path(cache, d, "train", spec.resolution)) for d in spec.train_datasets]
+    table, index = _embedding_table(cache)
+    banks = [_load(_bank_path(cache, d, "train", spec)) for d in spec.train_datasets]
     vocab = PromptVocabulary()
     config = preset_config(
         "small",
@@ -142,36 +259,34 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: s
         se=spec.se,
         cbam=spec.cbam,
     )
-    torch.manual_seed(spec.seed)
-    model = PromptSegModel(config, next(iter(emb.values())).shape[0]).to(device)
+    model = PromptSegModel(config, table.shape[1]).to(device)
     loss_fn = build_loss(spec.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.steps)
     rng = random.Random(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
-    targets = set(spec.targets)
+    pos, neg = _candidates(banks, set(spec.targets))
     queue: list = []
     curve, window = [], []
     started = time.time()
     model.train()
     for step in range(1, spec.steps + 1):
         if len(queue) < spec.batch:
-            queue += _train_samples(banks, targets, spec.neg_ratio, rng)
+            queue += _train_samples(pos, neg, spec.neg_ratio, rng)
         chunk, queue = queue[: spec.batch], queue[spec.batch :]
         images, masks = _batch(banks, chunk)
         datasets = [s.dataset for _, s in chunk]
         images, masks = augment(images, masks, datasets, gen)
-        film_in = torch.stack(
-            [torch.from_numpy(emb[vocab.sample(s.target, rng)]) for _, s in chunk]
-        )
+        film_in = table[[index[vocab.sample(s.target, rng)] for _, s in chunk]]
         loss = loss_fn(model(images.to(device), film_in.to(device)), masks.to(device))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"run {spec.key()}: loss became {loss.item()} at {step}")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"run {spec.key()}: loss became {value} at {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        window.append(loss.item())
+        window.append(value)
         if step % log_every == 0 or step == spec.steps:
             curve.append([step, float(np.mean(window))])
             window = []
@@ -185,21 +300,21 @@ def evaluate_run(model, spec: RunSpec, cache: Path = CACHE, device: str = "cpu")
     from promptseg.metrics import segmentation_metrics
     from promptseg.prompts import PromptVocabulary
 
-    emb = _load(cache / "embeddings.pkl")["embeddings"]
+    table, index = _embedding_table(cache)
     vocab = PromptVocabulary()
     model.eval()
     per_dataset: dict[str, dict] = {}
     pooled: dict[str, dict[str, list[float]]] = {}
     empty: list[bool] = []
     for dataset in spec.test_datasets:
-        bank = _load(_bank_path(cache, dataset, "val", spec.resolution))
+        bank = _load(_bank_path(cache, dataset, "val", spec))
         samples = [s for s in bank.samples if s.target in spec.targets and s.hard]
         rows: dict[str, dict[str, list[float]]] = {}
         with torch.no_grad():
             for i in range(0, len(samples), 64):
                 chunk = samples[i : i + 64]
                 images = torch.from_numpy(bank.images[[s.image for s in chunk]])[:, None]
-                e = torch.stack([torch.from_numpy(emb[vocab.canonical(s.target)]) for s in chunk])
+                e = table[[index[vocab.canonical(s.target)] for s in chunk]]
                 pred = (model(images.to(device), e.to(device))[:, 0] > 0).cpu().numpy()
                 for s, p in zip(chunk, pred):
                     if not s.positive:
@@ -232,12 +347,18 @@ def _nanmean(values: list[float]) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
+def result_path(cache: Path, spec: RunSpec) -> Path:
+    return cache / "runs" / f"{spec.key()}.json"
+
+
 def run_one(spec: RunSpec, cache: Path = CACHE, git: str = "unknown", device: str = "cpu") -> Path:
-    """Train + evaluate ``spec`` unless its result exists; returns the result path."""
+    """Train + evaluate ``spec`` unless a result made under the same conditions exists (same
+    key and fingerprint; see :func:`stale_reasons`); returns the result path."""
     import torch
 
-    out = cache / "runs" / f"{spec.key()}.json"
-    if out.is_file():
+    out = result_path(cache, spec)
+    current = fingerprint(spec, device, _identity(_load(cache / "embeddings.pkl")["encoder"]))
+    if _reusable(out, current):
         return out
     torch.set_num_threads(1)
     model, curve, seconds = train_run(spec, cache, device=device)
@@ -253,6 +374,7 @@ def run_one(spec: RunSpec, cache: Path = CACHE, git: str = "unknown", device: st
         torch=torch.__version__,
         threads=1,
         device=device,
+        fingerprint=current,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(out, result)
@@ -274,15 +396,19 @@ def run_all(
     progress: bool = True,
     device: str = "cpu",
 ) -> list[Path]:
-    """Run every spec not yet done (``workers`` processes, one thread each; ``device``: a torch
-    device such as "cuda" for the paper preset on a GPU, recorded in each result)."""
+    """Run every spec not yet done under the same conditions (``workers`` processes, one thread
+    each; ``device``: a torch device such as "cuda" for the paper preset on a GPU, recorded in
+    each result). A result whose recorded device, splits, preprocessing or text encoder differ
+    from now is trained again (and replaced)."""
     from tqdm import tqdm
 
-    prepare_inputs(specs, cache, progress)
+    encoder = prepare_inputs(specs, cache, progress)
     git = git_hash()
     unique = list({s.key(): s for s in specs}.values())
-    todo = [s for s in unique if not (cache / "runs" / f"{s.key()}.json").is_file()]
+    todo, stale = _plan(unique, cache, device, encoder)
     print(f"{len(unique)} runs, {len(unique) - len(todo)} already done, {len(todo)} to run")
+    for reason, n in sorted(stale.items()):
+        print(f"re-running {n} finished runs recorded under other conditions: {reason}")
     paths = []
     bar = tqdm(total=len(todo), desc="study runs", disable=not progress)
     if workers <= 1:
@@ -300,3 +426,21 @@ def run_all(
                 bar.update()
     bar.close()
     return paths
+
+
+def _plan(
+    specs: list[RunSpec], cache: Path, device: str, encoder: dict
+) -> tuple[list[RunSpec], dict[str, int]]:
+    """Specs to train (missing or stale) and a count of stale results per reason."""
+    todo, stale = [], {}
+    for s in specs:
+        path = result_path(cache, s)
+        if not path.is_file():
+            todo.append(s)
+            continue
+        reasons = stale_reasons(json.loads(path.read_text()), fingerprint(s, device, encoder))
+        if reasons:
+            todo.append(s)
+            key = "; ".join(reasons)
+            stale[key] = stale.get(key, 0) + 1
+    return todo, stale

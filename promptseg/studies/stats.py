@@ -40,34 +40,72 @@ def summarize(values: list[float]) -> Summary:
 
 @dataclass
 class Paired:
-    """A paired comparison a - b over the same seeds."""
+    """A comparison a - b: paired over the same seeds, or unpaired (see ``test``)."""
 
-    n: int
+    n: int  # seeds (pairs) with a finite value on both sides
     mean_diff: float
-    test: str  # "paired t", "wilcoxon" or "none"
+    test: str  # "paired t", "wilcoxon", "welch t", "mann-whitney" or "none"
     statistic: float
     p: float
     p_holm: float = math.nan
+    n_effective: int = 0  # observations the test used (Wilcoxon drops zero differences)
 
 
 def paired_test(a: list[float], b: list[float]) -> Paired:
     """Paired t-test when the differences pass Shapiro-Wilk (p > 0.05), else Wilcoxon.
 
     a, b: values per seed in the same seed order (pairs with a non-finite side are dropped).
+    ``n_effective``: the pairs the test used (Wilcoxon drops zero differences).
     """
     pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
     n = len(pairs)
     if n < 3:
-        return Paired(n, math.nan, "none", math.nan, math.nan)
+        return Paired(n, math.nan, "none", math.nan, math.nan, n_effective=n)
     d = np.array([x - y for x, y in pairs])
     if np.all(d == 0):
-        return Paired(n, 0.0, "none", 0.0, 1.0)
+        return Paired(n, 0.0, "none", 0.0, 1.0, n_effective=0)
     normal = np.ptp(d) == 0 or stats.shapiro(d).pvalue > ALPHA
     if normal and np.ptp(d) > 0:
         res = stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs])
-        return Paired(n, float(d.mean()), "paired t", float(res.statistic), float(res.pvalue))
+        return Paired(
+            n, float(d.mean()), "paired t", float(res.statistic), float(res.pvalue), n_effective=n
+        )
     res = stats.wilcoxon(d)
-    return Paired(n, float(d.mean()), "wilcoxon", float(res.statistic), float(res.pvalue))
+    nonzero = int(np.count_nonzero(d))
+    return Paired(
+        n, float(d.mean()), "wilcoxon", float(res.statistic), float(res.pvalue), n_effective=nonzero
+    )
+
+
+def unpaired_test(a: list[float], b: list[float]) -> Paired:
+    """Welch's t-test when both samples pass Shapiro-Wilk (p > 0.05), else Mann-Whitney U.
+
+    For arms whose seeds share nothing worth pairing. ``n``: the smaller sample size;
+    ``n_effective``: both sizes together.
+    """
+    x = np.array([v for v in a if math.isfinite(v)])
+    y = np.array([v for v in b if math.isfinite(v)])
+    n = min(len(x), len(y))
+    if n < 3:
+        return Paired(n, math.nan, "none", math.nan, math.nan, n_effective=len(x) + len(y))
+    diff = float(x.mean() - y.mean())
+    varies = np.ptp(x) > 0 or np.ptp(y) > 0
+    if not varies and diff == 0:
+        return Paired(n, 0.0, "none", 0.0, 1.0, n_effective=len(x) + len(y))
+    if varies and _normal(x) and _normal(y):
+        res = stats.ttest_ind(x, y, equal_var=False)
+        test = "welch t"
+    else:
+        res = stats.mannwhitneyu(x, y, alternative="two-sided")
+        test = "mann-whitney"
+    return Paired(
+        n, diff, test, float(res.statistic), float(res.pvalue), n_effective=len(x) + len(y)
+    )
+
+
+def _normal(x: np.ndarray) -> bool:
+    """Shapiro-Wilk does not reject (constant samples count as normal)."""
+    return bool(np.ptp(x) == 0 or stats.shapiro(x).pvalue > ALPHA)
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -86,3 +124,8 @@ def holm(pvalues: list[float]) -> list[float]:
 def wilcoxon_floor(n: int) -> float:
     """Smallest two-sided exact Wilcoxon signed-rank p-value possible with n pairs."""
     return min(1.0, 2.0 / 2**n)
+
+
+def mannwhitney_floor(n1: int, n2: int) -> float:
+    """Smallest two-sided exact Mann-Whitney U p-value possible with samples of n1 and n2."""
+    return min(1.0, 2.0 / math.comb(n1 + n2, n1)) if n1 and n2 else 1.0
