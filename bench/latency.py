@@ -2,7 +2,8 @@
 
 Backends: PyTorch eager (CPU; CUDA when available), ONNX Runtime CPU (FP32, and the INT8 Q/DQ
 graph when the folder has one), ONNX Runtime CUDA, TensorRT (the runtime's ``TrtEngine`` on
-``model.plan``). Per backend:
+``model.plan``, built from the FP16 or FP32 graph; TensorRT INT8 is not benchmarked: no export
+builds an INT8 plan, and the report's ``tensorrt-int8`` row says so). Per backend:
 
 * ``infer_b1``: one slice through ``engine.infer`` (host arrays in and out, so GPU backends
   include their copies), after ``--warmup`` untimed calls, ``--iters`` timed calls.
@@ -11,6 +12,8 @@ graph when the folder has one), ONNX Runtime CUDA, TensorRT (the runtime's ``Trt
 * ``e2e_b1``: one raw slice of the example volume end to end: normalisation + resize to R +
   inference + logits resized to the input grid + sigmoid + threshold.
 * ``infer_batch`` / ``compute_batch``: the same at ``--batch`` slices; throughput in slices/s.
+  Above a TensorRT plan's ``max_batch`` both cover every chunk the batch is split into
+  (``compute_batch_chunks`` lists them).
 * whole volume: ``promptseg.runtime.run`` (promptseg-run's Python API) from reading the example
   volume to the written mask, for ort-cpu and each GPU backend.
 
@@ -55,6 +58,10 @@ GATE_P95_MS = 50.0
 GOAL_P95_MS = 2.0
 GOAL_SLICES_PER_S = 3000.0
 NO_GPU_LINE = "no GPU present: GPU latency gate not checked"
+TRT_INT8_REASON = (
+    "not benchmarked: the export builds model.plan from model.fp16.onnx (or model.onnx) only; "
+    "TensorRT INT8 would need a plan built from model.int8.onnx"
+)
 
 __all__ = ["GATE_P95_MS", "NO_GPU_LINE", "main", "run_benchmark", "stats_ms"]
 
@@ -184,19 +191,46 @@ class Backend:
     notes: list[str] = field(default_factory=list)
 
 
+def chunk_sizes(batch: int, max_batch: int) -> list[int]:
+    """The chunks ``TrtEngine.infer`` splits a batch into (the plan's profile ends at max_batch)."""
+    if batch < 1 or max_batch < 1:
+        raise ValueError(f"need batch >= 1 and max_batch >= 1, got {batch} and {max_batch}")
+    return [min(max_batch, batch - start) for start in range(0, batch, max_batch)]
+
+
 def _trt_compute(engine: Any) -> Callable[[np.ndarray, np.ndarray], Callable[[], float]]:
-    """TensorRT: after one ``infer`` at this shape, re-run ``execute_async_v3`` + sync."""
+    """TensorRT: after one ``infer`` of the whole batch, re-run ``execute_async_v3`` + sync.
+
+    A batch above the plan's ``max_batch`` runs as ``infer`` runs it: chunk by chunk, each
+    enqueued and synchronised. The time is the sum over all chunks, so ``compute_batch`` is the
+    device time of the whole batch; setting a chunk's input shape (host work, done while the
+    device is idle) is not timed. The device buffers ``infer`` left bound were sized for the
+    first, largest chunk, so they serve every chunk.
+    """
 
     def make(image: np.ndarray, film: np.ndarray) -> Callable[[], float]:
-        engine.infer({"image": image, "film": film})  # binds shapes and device addresses
+        engine.infer({"image": image, "film": film})  # binds device addresses
+        sizes = chunk_sizes(len(image), int(engine.max_batch))
+        rows = {"image": tuple(image.shape[1:]), "film": tuple(film.shape[1:])}
+        ctx = engine.context
+        bound = [sizes[-1]]  # infer left its last chunk's shape set
 
         def run() -> float:
-            t = time.perf_counter()
-            if not engine.context.execute_async_v3(engine.cuda.handle):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-            engine.cuda.synchronize()
-            return time.perf_counter() - t
+            total = 0.0
+            for n in sizes:
+                if n != bound[0]:
+                    for name in engine.input_names:
+                        if not ctx.set_input_shape(name, (n, *rows[name])):
+                            raise RuntimeError(f"TensorRT rejected batch {n} for {name!r}")
+                    bound[0] = n
+                t = time.perf_counter()
+                if not ctx.execute_async_v3(engine.cuda.handle):
+                    raise RuntimeError("TensorRT execute_async_v3 failed")
+                engine.cuda.synchronize()
+                total += time.perf_counter() - t
+            return total
 
+        run.chunks = sizes  # type: ignore[attr-defined]
         return run
 
     return make
@@ -314,43 +348,29 @@ def open_backends(folder: Any, checkpoint: Path | None, why_no_ckpt: str, thread
                                 reason="the engine folder has no model.plan"))  # fmt: skip
     else:
         _try(backends, "tensorrt-fp16", "cuda", "fp16", lambda: TrtEngine(folder), _trt_compute)
-    backends.append(_trt_int8(folder, gpu))
+    backends.append(Backend("tensorrt-int8", "cuda", "int8", status="skipped",
+                            reason=TRT_INT8_REASON))  # fmt: skip
     return backends
-
-
-def _trt_int8(folder: Any, gpu: bool) -> Backend:
-    """TensorRT INT8 needs a plan built from the Q/DQ graph; the runtime serves model.plan."""
-    import inspect
-
-    from promptseg.runtime.engines import TrtEngine
-
-    if not gpu:
-        return Backend("tensorrt-int8", "cuda", "int8", status="skipped", reason="no GPU present")
-    if "precision" not in inspect.signature(TrtEngine.__init__).parameters:
-        return Backend(
-            "tensorrt-int8", "cuda", "int8", status="skipped",
-            reason="the runtime's TrtEngine serves only the FP16 plan (model.plan); no INT8 plan",
-        )  # fmt: skip
-    backends: list[Backend] = []
-    _try(backends, "tensorrt-int8", "cuda", "int8",
-         lambda: TrtEngine(folder, precision="int8"), _trt_compute)  # fmt: skip
-    return backends[0]
 
 
 # --------------------------------------------------------------------------- measurement
 
 
-def _example_slice(volume: Path | None, resolution: int, rng: np.random.Generator,
-                   modality_hint: str = "mr") -> tuple[np.ndarray, str, tuple[float, float]]:  # fmt: skip
-    """A raw (H, W) slice and its normalisation window, from the example volume if any."""
+def _example_slice(volume: Path | None, resolution: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, str, tuple[float, float]]:  # fmt: skip
+    """A raw (H, W) slice and its normalisation window, from the example volume if any.
+
+    The window follows the modality promptseg-run would pick (``choose_modality``).
+    """
     from promptseg.preprocess import Preprocessing, intensity_bounds
 
     if volume is not None and volume.is_file():
         from promptseg.data.readers import read_volume
+        from promptseg.runtime.pipeline import choose_modality
 
         vol = read_volume(volume)
         data = np.asarray(vol.data, dtype=np.float32)
-        mod = "ct" if float(data.min()) < -500 else modality_hint
+        mod = choose_modality(vol)
         bounds = intensity_bounds(data, mod, Preprocessing(resolution=resolution))
         return np.ascontiguousarray(data[:, :, data.shape[2] // 2]), str(volume), bounds
     raw = rng.uniform(0, 1000, size=(256, 256)).astype(np.float32)
@@ -415,6 +435,9 @@ def measure_backend(backend: Backend, *, resolution: int, film: np.ndarray, raw:
                     run()
                 n = iters if key == "compute_b1" else batch_iters
                 row[key] = stats_ms([run() for _ in range(n)])
+                chunks = getattr(run, "chunks", None)
+                if chunks and len(chunks) > 1:  # above the plan's profile: all chunks timed
+                    row[f"{key}_chunks"] = chunks
             row["throughput_slices_per_s"]["compute"] = batch / (
                 row["compute_batch"]["median_ms"] / 1e3
             )

@@ -7,7 +7,6 @@ half-written engine folder behind.
 
 from __future__ import annotations
 
-import inspect
 import os
 import secrets
 import shutil
@@ -25,7 +24,6 @@ from promptseg.export.files import (
     Progress,
     atomic_copy,
     save_onnx,
-    sha256_file,
 )
 from promptseg.export.manifest import (
     MANIFEST,
@@ -34,6 +32,7 @@ from promptseg.export.manifest import (
     library_versions,
     write_manifest,
 )
+from promptseg.runtime.manifest import sha256_file
 
 TEXT_QUANT = ("none", "int8")
 MIN_OPSET = 13
@@ -42,9 +41,27 @@ TEXT_COSINE_INT8 = 0.99
 FILM_ATOL = 1e-4
 INT8_WARN_DICE = 0.9
 # Tolerance of the INT8 float fallback on its train-split proxy: the parity check's 0.005 Dice,
-# applied to |mean| + 2 standard errors of the per-case differences of every target
+# applied per target to |mean d| + 2 sd(d) / sqrt(m) of the per-case Dice differences d, m being
+# the validation cases the parity check averages that target over (liver tumour: 1)
 # (promptseg.calibration.mixed.compare_dice).
 INT8_FALLBACK_TOLERANCE = 0.005
+# How the INT8 options are named in messages: the API's parameters, or the CLI's flags.
+API_NAMES = {
+    "int8": "int8=True",
+    "calib_data": "calib_data",
+    "calib_samples": "calib_samples",
+    "tolerance": "int8_fallback_tolerance",
+    "no_fallback": "int8_fallback_tolerance=None",
+    "data_root": "data_root",
+}
+CLI_NAMES = {
+    "int8": "--int8",
+    "calib_data": "--calib-data",
+    "calib_samples": "--calib-samples",
+    "tolerance": "--int8-fallback-tolerance",
+    "no_fallback": "--no-int8-fallback",
+    "data_root": "--data-root",
+}
 
 
 @dataclass
@@ -91,9 +108,10 @@ def export_model(
         calib_samples: Calibration samples drawn from a dataset root (default 128); not with
             a ``.npz``, which holds its own samples.
         int8_fallback_tolerance: Keep the most sensitive INT8 nodes in float until, on a
-            train-split proxy, every target's Dice difference to FP32 (mean + 2 standard
-            errors over its cases) is within this value (``promptseg.calibration.mixed``);
-            None: plain static INT8.
+            train-split proxy, every target's Dice difference d to FP32 has
+            ``|mean d| + 2 sd(d) / sqrt(m)`` within this value, m being the validation cases
+            the parity check averages that target over (``promptseg.calibration.mixed``);
+            None: plain static INT8. Only with ``int8`` (else leave it at the default).
         prompts_file: Extra prompts for the cache, one per line (``prompt[<TAB>target]``).
         opset: ONNX opset of every graph.
         max_batch: Largest batch of the TensorRT optimisation profile.
@@ -109,8 +127,13 @@ def export_model(
         ExportInputError: bad arguments, missing checkpoint, unwritable folder (CLI exit 2).
         ExportError: a graph failed its checks (CLI exit 1).
     """
-    _check_args(opset, max_batch, text_encoder_quant, int8, calib_data, prompts_file)
-    _check_int8_args(int8, calib_data, calib_samples, int8_fallback_tolerance)
+    _check_args(opset, max_batch, text_encoder_quant, prompts_file)
+    fallback_option = None
+    if int8_fallback_tolerance != INT8_FALLBACK_TOLERANCE:
+        fallback_option = "tolerance" if int8_fallback_tolerance is not None else "no_fallback"
+    check_int8_options(
+        int8, calib_data, calib_samples, int8_fallback_tolerance, data_root, fallback_option
+    )
     from promptseg.checkpoint import resolve_checkpoint
 
     try:
@@ -146,14 +169,7 @@ def export_model(
 # ----------------------------------------------------------------------------- arguments, folders
 
 
-def _check_args(
-    opset: int,
-    max_batch: int,
-    text_encoder_quant: str,
-    int8: bool,
-    calib_data: Any,
-    prompts_file: Any,
-) -> None:
+def _check_args(opset: int, max_batch: int, text_encoder_quant: str, prompts_file: Any) -> None:
     import onnx
 
     highest = onnx.defs.onnx_opset_version()
@@ -167,35 +183,72 @@ def _check_args(
         )
     if prompts_file is not None and not Path(prompts_file).is_file():
         raise ExportInputError(f"{prompts_file}: prompts file not found")
-    if calib_data is not None and not int8:
-        raise ExportInputError("calib_data is only used with int8=True (--int8)")
-    if int8:
-        if calib_data is None:
-            raise ExportInputError("int8 export needs calib_data (--calib-data DIR)")
-        if not Path(calib_data).exists():
-            raise ExportInputError(
-                f"{calib_data}: calibration data not found (a dataset root or a calibration .npz)"
-            )
-        _quantize_int8()
 
 
-def _check_int8_args(
-    int8: bool, calib_data: Any, calib_samples: int | None, tolerance: float | None
+def check_int8_options(
+    int8: bool,
+    calib_data: str | os.PathLike[str] | None,
+    calib_samples: int | None,
+    fallback_tolerance: float | None,
+    data_root: str | os.PathLike[str] | None = None,
+    fallback_option: str | None = None,
+    names: dict[str, str] = API_NAMES,
 ) -> None:
+    """Every check of the INT8 options, before any work (the CLI runs it too, with its flags).
+
+    Args:
+        int8, calib_data, calib_samples, fallback_tolerance, data_root: As for
+            :func:`export_model` (``fallback_tolerance`` None: no float fallback).
+        fallback_option: The key in ``names`` of the option that set the fallback
+            explicitly (``"tolerance"``, ``"no_fallback"``); None: left at the default.
+        names: How options are named in the messages (:data:`API_NAMES`, :data:`CLI_NAMES`).
+
+    Raises:
+        ExportInputError: an option without ``int8``, ``int8`` without calibration data,
+            missing calibration data, ``calib_samples`` with a calibration ``.npz``, a
+            tolerance outside [0, 1), the shared data folder missing where the float fallback
+            of a ``.npz`` needs it for its proxy cases, or no ``promptseg.calibration``.
+    """
+    n = names
     if not int8:
-        if calib_samples is not None:
-            raise ExportInputError("calib_samples is only used with int8=True (--int8)")
+        for value, key in ((calib_data, "calib_data"), (calib_samples, "calib_samples")):
+            if value is not None:
+                raise ExportInputError(f"{n[key]} is only used with {n['int8']}")
+        if fallback_option is not None:
+            raise ExportInputError(f"{n[fallback_option]} is only used with {n['int8']}")
         return
+    if calib_data is None:
+        raise ExportInputError(
+            f"{n['int8']} needs {n['calib_data']} (a dataset root or a calibration .npz)"
+        )
+    data = Path(calib_data)
+    if not data.exists():
+        raise ExportInputError(
+            f"{data}: calibration data not found (a dataset root or a calibration .npz)"
+        )
     if calib_samples is not None:
         if int(calib_samples) < 1:
-            raise ExportInputError(f"calib_samples must be >= 1, got {calib_samples}")
-        if calib_data is not None and Path(calib_data).is_file():
+            raise ExportInputError(f"{n['calib_samples']} must be >= 1, got {calib_samples}")
+        if data.is_file():
             raise ExportInputError(
-                f"{calib_data}: a saved calibration set holds its own samples; calib_samples "
-                "(--calib-samples) applies to a dataset root"
+                f"{data}: {n['calib_samples']} applies to a dataset root; a saved calibration "
+                "set holds its own samples"
             )
-    if tolerance is not None and not 0.0 <= float(tolerance) < 1.0:
-        raise ExportInputError(f"int8_fallback_tolerance must be in [0, 1), got {tolerance}")
+    if fallback_tolerance is not None:
+        if not 0.0 <= float(fallback_tolerance) < 1.0:
+            raise ExportInputError(f"{n['tolerance']} must be in [0, 1), got {fallback_tolerance}")
+        if not data.is_dir():  # the proxy cases of a saved set come from the shared data
+            from promptseg.export.samples import DATA_ENV, resolve_data_root
+
+            try:
+                resolve_data_root(data_root)
+            except ExportInputError as exc:
+                raise ExportInputError(
+                    f"{data}: the INT8 float fallback takes its proxy cases from the shared "
+                    f"data folder, which was not found ({str(exc).split(':', 1)[0]}); pass "
+                    f"{n['data_root']}, set {DATA_ENV}, or use {n['no_fallback']}"
+                ) from exc
+    _quantize_int8()
 
 
 def _quantize_int8() -> Any:
@@ -517,20 +570,21 @@ def _int8(
 
     quantize_int8 = _quantize_int8()
     fp32, out = state.out / "model.onnx", state.out / "model.int8.onnx"
-    optional: dict[str, Any] = {
-        "prompt_cache": state.out / "prompt_cache.safetensors",
-        "preprocessing": state.loaded.preprocessing,
-        "resolution": state.loaded.config.resolution,
-        "progress": state.progress.enabled,
-        "fallback_tolerance": fallback_tolerance,
-    }
+    extra: dict[str, Any] = {}
     if calib_samples is not None:
-        optional["n"] = int(calib_samples)
+        extra["n"] = int(calib_samples)
     if fallback_tolerance is not None:  # the proxy cases come from the train split
-        optional["proxy_data"] = calib_data if calib_data.is_dir() else resolve_data_root(data_root)
-    params = inspect.signature(quantize_int8).parameters
-    kwargs = {k: v for k, v in optional.items() if k in params}
-    result = quantize_int8(fp32, out, calib_data, **kwargs)
+        extra["proxy_data"] = calib_data if calib_data.is_dir() else resolve_data_root(data_root)
+    result = quantize_int8(
+        fp32,
+        out,
+        calib_data,
+        prompt_cache=state.out / "prompt_cache.safetensors",
+        preprocessing=state.loaded.preprocessing,
+        progress=state.progress.enabled,
+        fallback_tolerance=fallback_tolerance,
+        **extra,
+    )
     if not out.is_file():
         raise ExportError(f"promptseg.calibration.quantize_int8 did not write {out}")
     model = onnx.load(str(out))
@@ -674,7 +728,11 @@ def _manifest(state: _State, opset: int, max_batch: int, verify: bool) -> None:
 
 
 def verify_folder_hashes(folder: str | os.PathLike[str]) -> list[str]:
-    """Files of an engine folder whose sha256 or size differ from the manifest (or are missing)."""
+    """Files of an engine folder whose sha256 or size differ from the manifest (or are missing).
+
+    All of them, where the runtime's ``EngineFolder`` stops at the first problem (and hashes a
+    file only on its first use).
+    """
     import json
 
     from promptseg.export.files import file_entry

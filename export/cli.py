@@ -6,9 +6,24 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from promptseg.export.api import INT8_FALLBACK_TOLERANCE
-from promptseg.export.files import ExportError
+from promptseg.export.api import (
+    CLI_NAMES,
+    INT8_FALLBACK_TOLERANCE,
+    check_int8_options,
+    export_model,
+)
+from promptseg.export.files import ExportError, ExportInputError
+
+PROG = "promptseg-export"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {' '.join(message.split())}\n")
 
 
 def _positive(text: str) -> int:
@@ -33,8 +48,8 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    p = argparse.ArgumentParser(
-        prog="promptseg-export",
+    p = _Parser(
+        prog=PROG,
         description="Export a promptseg checkpoint to a verified engine folder "
         "(docs/engine_format.md): ONNX graphs, prompt cache, text encoder, manifest, and a "
         "TensorRT plan where tensorrt imports.",
@@ -56,19 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         help="calibration samples drawn from a dataset root (default 128)",
     )
-    p.add_argument(
+    fallback = p.add_mutually_exclusive_group()
+    fallback.add_argument(
         "--int8-fallback-tolerance",
         type=_fraction,
-        default=INT8_FALLBACK_TOLERANCE,
-        help="keep the most sensitive INT8 nodes in float until, on a train-split proxy, "
-        "every target's Dice difference to FP32 (mean + 2 standard errors over its cases) is "
-        f"within this (default {INT8_FALLBACK_TOLERANCE})",
+        help="with --int8: keep the most sensitive INT8 nodes in float until, on a train-split "
+        "proxy, every target's Dice difference d to FP32 has |mean d| + 2 sd(d)/sqrt(m) within "
+        "this, m being the validation cases the parity check averages that target over "
+        f"(default {INT8_FALLBACK_TOLERANCE})",
     )
-    p.add_argument(
+    fallback.add_argument(
         "--no-int8-fallback",
         dest="int8_fallback",
         action="store_false",
-        help="plain static INT8: no sensitivity-driven float fallback",
+        help="with --int8: plain static INT8, no sensitivity-driven float fallback",
     )
     p.add_argument(
         "--prompts",
@@ -97,19 +113,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 2 on bad input, 1 on a failed export check."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.int8 and args.calib_data is None:
-        parser.error("--int8 needs --calib-data DIR")
-    if args.calib_data is not None and not args.int8:
-        parser.error("--calib-data is only used with --int8")
-    if args.calib_samples is not None and not args.int8:
-        parser.error("--calib-samples is only used with --int8")
-    if args.calib_samples is not None and args.calib_data.is_file():
-        parser.error(
-            f"--calib-samples applies to a dataset root; {args.calib_data} is a saved "
-            "calibration set with its own samples"
+    if not args.int8_fallback:
+        tolerance, fallback_option = None, "no_fallback"
+    elif args.int8_fallback_tolerance is not None:
+        tolerance, fallback_option = args.int8_fallback_tolerance, "tolerance"
+    else:
+        tolerance, fallback_option = INT8_FALLBACK_TOLERANCE, None
+    try:  # export_model checks these too; here they are named by their flags
+        check_int8_options(
+            args.int8,
+            args.calib_data,
+            args.calib_samples,
+            tolerance,
+            args.data_root,
+            fallback_option,
+            CLI_NAMES,
         )
-    from promptseg.export.api import export_model
-
+    except ExportInputError as exc:
+        parser.error(str(exc))
     try:
         manifest = export_model(
             args.checkpoint,
@@ -118,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             int8=args.int8,
             calib_data=args.calib_data,
             calib_samples=args.calib_samples,
-            int8_fallback_tolerance=args.int8_fallback_tolerance if args.int8_fallback else None,
+            int8_fallback_tolerance=tolerance,
             prompts_file=args.prompts,
             opset=args.opset,
             max_batch=args.max_batch,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -12,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from promptseg.runtime.manifest import sha256_file  # the runtime's (torch-free) hash
 
 
 class ExportError(RuntimeError):
@@ -43,15 +44,6 @@ class Progress:
         if self.enabled:
             elapsed = time.perf_counter() - self.start
             print(f"[promptseg-export {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
@@ -103,4 +95,4 @@ def save_onnx(model: Any, path: str | os.PathLike[str]) -> Path:
 
 def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"sha256": ..., "bytes": ...}`` of a file (the manifest's ``files`` entries)."""
-    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    return {"sha256": sha256_file(Path(path)), "bytes": os.path.getsize(path)}

@@ -130,18 +130,6 @@ def tensor_max_abs(
     return peak, producer, sorted(nonfinite), half
 
 
-def node_max_abs(
-    model: Any, feeds: Sequence[dict[str, np.ndarray]]
-) -> tuple[dict[str, float], list[str]]:
-    """Max |activation| per node over all ``feeds`` and the nodes with non-finite outputs."""
-    tensors, producer, nonfinite, _ = tensor_max_abs(model, feeds)
-    peak: dict[str, float] = {}
-    for name, value in tensors.items():
-        node = producer[name]
-        peak[node] = max(peak.get(node, 0.0), value)
-    return peak, nonfinite
-
-
 def l2_norm_nodes(model: Any) -> dict[str, str]:
     """Nodes of an L2 normalisation: ReduceL2 / ReduceSumSquare, and Pow -> ReduceSum -> Sqrt."""
     nodes = list(model.graph.node)
@@ -190,7 +178,7 @@ def audit_fp32(
             f"{nonfinite[:5]}; the model itself is broken, FP16 conversion is meaningless"
         )
     threshold = limit * margin
-    peak: dict[str, float] = {}
+    peak: dict[str, float] = {}  # per node: the largest over its outputs
     for name, value in tensors.items():
         peak[producer[name]] = max(peak.get(producer[name], 0.0), value)
     kept = {n: f"max |x| {v:.4g} > {threshold:.4g}" for n, v in peak.items() if v > threshold}
@@ -252,7 +240,8 @@ def tidy_casts(model: Any) -> None:
        ``keep_io_types``: it gets a final ``Cast`` to FLOAT and is declared FLOAT again.
     2. A blocked node's output always passes through FP16 (``Cast`` to FLOAT16, then ``Cast``
        back to FLOAT for the next blocked node), which overflows for exactly the tensors the
-       audit kept in FP32: such FP32 -> FP16 -> FP32 round trips are removed.
+       audit kept in FP32: such FP32 -> FP16 -> FP32 round trips are removed, chains of them
+       included (readers are renamed to the first FP32 tensor of the chain).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -302,11 +291,27 @@ def tidy_casts(model: Any) -> None:
             node.input[0] = first.input[0]  # keep the graph output name: FLOAT -> FLOAT Cast
         else:
             alias[node.output[0]] = first.input[0]
+
+    def resolve(name: str) -> str:
+        # Chains (FP32 -> FP16 -> FP32 -> FP16 -> FP32) alias to a tensor whose own Cast goes
+        # too: follow the aliases to a tensor that stays.
+        seen = {name}
+        while name in alias:
+            name = alias[name]
+            if name in seen:  # a cycle cannot come from a valid graph; stop rather than spin
+                break
+            seen.add(name)
+        return name
+
     keep = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in alias)]
     for node in keep:
-        node.input[:] = [alias.get(i, i) for i in node.input]
-    used = {i for n in keep for i in n.input} | outputs
-    keep = [n for n in keep if n.op_type != "Cast" or n.output[0] in used]
+        node.input[:] = [resolve(i) for i in node.input]
+    while True:  # drop Casts left without readers (a dropped one can orphan the one before it)
+        used = {i for n in keep for i in n.input} | outputs
+        tidy = [n for n in keep if n.op_type != "Cast" or n.output[0] in used]
+        if len(tidy) == len(keep):
+            break
+        keep = tidy
     del graph.node[:]
     graph.node.extend(keep)
 

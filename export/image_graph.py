@@ -356,7 +356,6 @@ def channel_reductions_to_tree(model: Any, shapes: dict[str, list[int | str]]) -
                 site.get("ReduceMax"),
                 site.get("ReduceMean"),
                 f"{node.name or node.output[0]}_tree",
-                _opset(model),
             )
             new_nodes += nodes
             new_inits += inits
@@ -367,14 +366,13 @@ def channel_reductions_to_tree(model: Any, shapes: dict[str, list[int | str]]) -
     return count
 
 
-def _opset(model: Any) -> int:
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-
-
 def _reduction_tree(
-    x: str, channels: int, max_node: Any | None, mean_node: Any | None, prefix: str, opset: int
+    x: str, channels: int, max_node: Any | None, mean_node: Any | None, prefix: str
 ) -> tuple[list[Any], list[Any]]:
-    """Nodes and initializers computing ``max_node``'s and ``mean_node``'s outputs from ``x``."""
+    """Nodes and initializers computing ``max_node``'s and ``mean_node``'s outputs from ``x``.
+
+    ``Split`` takes its sizes as an input (opset >= 13, the export's minimum).
+    """
     from onnx import helper, numpy_helper
 
     nodes: list[Any] = []
@@ -383,9 +381,6 @@ def _reduction_tree(
     def split(source: str, tag: str, sizes: list[int], level: int) -> list[str]:
         parts = [f"{prefix}_{tag}{level}_{i}" for i in range(len(sizes))]
         name = f"{prefix}_{tag}{level}_split"
-        if opset < 13:  # "split" was an attribute before opset 13
-            nodes.append(helper.make_node("Split", [source], parts, name=name, axis=1, split=sizes))
-            return parts
         sizes_name = f"{prefix}_sizes{level}"
         if not any(i.name == sizes_name for i in inits):
             inits.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))

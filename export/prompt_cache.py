@@ -37,11 +37,6 @@ class PromptCache:
         return self.prompts.index(prompt)
 
 
-def normalize_prompt(prompt: str) -> str:
-    """Case- and whitespace-normalised form (the runtime's second lookup key)."""
-    return " ".join(prompt.lower().split())
-
-
 def vocabulary_prompts(vocab: PromptVocabulary) -> list[tuple[str, str]]:
     """(prompt, target) for every target: bare name, canonical, training and held-out phrasings.
 

@@ -1,7 +1,8 @@
 """Calibrate the prompt refusal threshold (cosine to the nearest cached embedding).
 
 Accept side: held-out phrasings and free-form clinical phrasings, each compared with the cache
-*without itself* (leave-one-out: a phrasing the cache holds is served from the cache anyway).
+*without itself* (leave-one-out: a phrasing the cache holds, up to the runtime's normalisation
+of case, spaces and trailing punctuation, is served from the cache anyway).
 Refuse side: :data:`OFF_TARGET`, requests for anatomy or tasks the model was never trained on.
 The threshold is the midpoint of the gap between the two sides, or, where they overlap, the
 middle of the range that maximises balanced accuracy.
@@ -14,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.export.prompt_cache import PromptCache, normalize_prompt
+from promptseg.export.prompt_cache import PromptCache
 from promptseg.prompts import FREE_FORM, PromptVocabulary
+from promptseg.runtime.prompt_resolver import normalise_prompt
 
 OFF_TARGET: tuple[str, ...] = (
     "segment the heart",
@@ -47,9 +49,10 @@ def nearest_cosine(
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     sims = q @ keys.T
     if leave_one_out:
-        norm_keys = [normalize_prompt(p) for p in cache.prompts]
+        # the runtime's normalised lookup key: what it serves from the cache is left out
+        norm_keys = [normalise_prompt(p) for p in cache.prompts]
         for i, prompt in enumerate(query_prompts):
-            own = normalize_prompt(prompt)
+            own = normalise_prompt(prompt)
             sims[i, [j for j, k in enumerate(norm_keys) if k == own]] = -np.inf
     return sims.max(axis=1)
 

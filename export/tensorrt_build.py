@@ -73,6 +73,39 @@ def _network_flags(trt: Any) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
+def _attach_timing_cache(config: Any, cache_file: Path) -> tuple[Any, str]:
+    """Attach the timing cache at ``cache_file`` (or a new empty one) to ``config``.
+
+    ``IBuilderConfig.set_timing_cache(cache, ignore_mismatch=False)`` returns False when the
+    cache's verification header does not match this TensorRT version or GPU, and the cache is
+    then not used; an empty one (``create_timing_cache(b"")``) is attached instead, so the file
+    written back after the build is this machine's cache, not the rejected one.
+
+    Returns:
+        The attached cache and a note ("" when the cache on disk, if any, was used).
+    """
+    cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
+    if cache_bytes:
+        try:
+            timing_cache = config.create_timing_cache(cache_bytes)
+        except Exception:  # noqa: BLE001 - unreadable bytes: start afresh, as on a mismatch
+            timing_cache = None
+        if timing_cache is not None and config.set_timing_cache(
+            timing_cache, ignore_mismatch=False
+        ):
+            return timing_cache, ""
+        note = (
+            f"{cache_file.name}: TensorRT rejected the timing cache (another TensorRT version "
+            "or GPU); building with an empty one, which replaces it"
+        )
+    else:
+        note = ""
+    timing_cache = config.create_timing_cache(b"")
+    if timing_cache is None or not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        raise ExportError(f"{cache_file}: TensorRT could not attach an empty timing cache")
+    return timing_cache, note
+
+
 def build_engine(
     onnx_path: str | os.PathLike[str],
     plan_path: str | os.PathLike[str],
@@ -87,7 +120,9 @@ def build_engine(
     """Build and serialize a TensorRT engine for ``image`` (N,1,R,R) and ``film`` (N,P).
 
     The optimisation profile covers N from 1 to ``max_batch`` (optimum ``max(1, max_batch//2)``).
-    A timing cache already at ``timing_cache_path`` is reused and the updated one written back.
+    A timing cache already at ``timing_cache_path`` is reused and the updated one written back;
+    one TensorRT rejects (another version or GPU) is replaced by a fresh one, with a progress
+    line and ``timing_cache_note`` in the returned entry.
 
     Returns:
         The manifest's ``tensorrt`` entry (version, GPU, plan, profile, I/O).
@@ -117,9 +152,9 @@ def build_engine(
     profile.set_shape("film", (1, film_dim), (opt, film_dim), (max_batch, film_dim))
     config.add_optimization_profile(profile)
     cache_file = Path(timing_cache_path)
-    cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
-    timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, False)
+    timing_cache, cache_note = _attach_timing_cache(config, cache_file)
+    if progress is not None and cache_note:
+        progress(cache_note)
     if progress is not None:
         progress(f"TensorRT {trt.__version__}: building engine (batch 1..{max_batch}, opt {opt})")
     serialized = builder.build_serialized_network(network, config)
@@ -127,7 +162,7 @@ def build_engine(
         raise ExportError(f"{onnx_path}: TensorRT build_serialized_network failed (see log above)")
     atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
     atomic_write_bytes(cache_file, bytes(memoryview(timing_cache.serialize())))
-    return {
+    info: dict[str, Any] = {
         "version": str(trt.__version__),
         "gpu": gpu_name(),
         "plan": Path(plan_path).name,
@@ -138,6 +173,9 @@ def build_engine(
         "profile": {"min": 1, "opt": opt, "max": max_batch},
         "io": engine_io(plan_path),
     }
+    if cache_note:
+        info["timing_cache_note"] = cache_note
+    return info
 
 
 def engine_io(plan_path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -59,6 +59,36 @@ def test_gpu_gate():
     assert not ok  # a GPU machine where no GPU backend ran fails the gate
 
 
+def test_chunk_sizes_cover_the_whole_batch():
+    latency = _latency_module()
+    assert latency.chunk_sizes(70, 32) == [32, 32, 6]
+    assert latency.chunk_sizes(64, 32) == [32, 32]
+    assert latency.chunk_sizes(4, 32) == [4]
+    for batch, max_batch in ((1, 1), (33, 32), (100, 7)):
+        sizes = latency.chunk_sizes(batch, max_batch)
+        assert sum(sizes) == batch and max(sizes) <= max_batch
+    with pytest.raises(ValueError, match="max_batch >= 1"):
+        latency.chunk_sizes(4, 0)
+
+
+def test_example_slice_window_follows_the_runtime_modality(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    latency = _latency_module()
+    from promptseg.preprocess import Preprocessing
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1024, 1500, (16, 16, 4)).astype(np.float32)
+    # below -500 but also below any CT scale: promptseg-run treats it as MR (percentile window)
+    signed = rng.uniform(-5000, 5000, (16, 16, 4)).astype(np.float32)
+    for name, data in (("ct.nii.gz", ct), ("signed.nii.gz", signed)):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / name))
+    _, _, bounds = latency._example_slice(tmp_path / "ct.nii.gz", 32, rng)
+    assert bounds == Preprocessing(resolution=32).ct_window
+    _, _, bounds = latency._example_slice(tmp_path / "signed.nii.gz", 32, rng)
+    lo, hi = np.percentile(signed, Preprocessing().mr_percentiles)
+    assert bounds == pytest.approx((lo, hi), rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory, tiny_checkpoint, data_root) -> Path:
     from promptseg.export import export_model
@@ -105,6 +135,9 @@ def test_latency_script_on_the_tiny_export(tiny_engine, tiny_checkpoint, data_ro
     assert all(r["reason"] for r in skipped)
     if not gpu:
         assert {"tensorrt-fp16", "ort-cuda"} <= {r["name"] for r in skipped}
+    # no export builds an INT8 plan: the report says TensorRT INT8 is not benchmarked
+    assert rows["tensorrt-int8"]["status"] == "skipped"
+    assert rows["tensorrt-int8"]["reason"].startswith("not benchmarked")
     # The ratio printed is the one measured in this run.
     ratio = report["ratio_ort_cpu_over_torch_cpu"]
     expected = rows["ort-cpu"]["infer_b1"]["median_ms"] / rows["torch-cpu"]["infer_b1"]["median_ms"]

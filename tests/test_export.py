@@ -21,11 +21,11 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from promptseg.export import ExportError, ExportInputError, export_model  # noqa: E402
-from promptseg.export.files import sha256_file  # noqa: E402
-from promptseg.export.fp16 import audit_fp16, audit_fp32, convert_fp16  # noqa: E402
+from promptseg.export.fp16 import audit_fp16, audit_fp32, convert_fp16, tidy_casts  # noqa: E402
 from promptseg.export.image_graph import fold_batchnorm, rewrite_attention  # noqa: E402
 from promptseg.export.prompt_cache import load_cache, read_prompts_file  # noqa: E402
 from promptseg.export.refusal import choose_threshold  # noqa: E402
+from promptseg.runtime.manifest import sha256_file  # noqa: E402
 
 CONTRACT_FILES = (
     "model.onnx",
@@ -436,7 +436,52 @@ def test_argument_validation(tmp_path, tiny_checkpoint):
         export_model(tiny_checkpoint, tmp_path / "e", opset=7, progress=False)
     with pytest.raises(ExportInputError, match="text_encoder_quant"):
         export_model(tiny_checkpoint, tmp_path / "e", text_encoder_quant="int4", progress=False)
+    for option, kwargs in (
+        ("calib_samples", {"calib_samples": 8}),
+        ("int8_fallback_tolerance", {"int8_fallback_tolerance": 0.01}),
+        ("int8_fallback_tolerance=None", {"int8_fallback_tolerance": None}),
+    ):
+        with pytest.raises(ExportInputError, match=f"^{option} is only used with int8=True$"):
+            export_model(tiny_checkpoint, tmp_path / "e", progress=False, **kwargs)
     assert not (tmp_path / "e").exists()
+
+
+def _int8_cli_error(args: list[str], tmp_path: Path) -> str:
+    """The one-line error of promptseg-export (subprocess) for INT8 options, nothing written.
+
+    The checkpoint does not exist: an INT8 option error proves the options are checked first.
+    """
+    out = tmp_path / "engine"
+    proc = _cli([str(tmp_path / "nope.pt"), "-o", str(out), *args], tmp_path, timeout=300)
+    line = _one_line_error(proc)
+    assert not out.exists()
+    return line
+
+
+def test_export_cli_rejects_fallback_options_without_int8(tmp_path):
+    line = _int8_cli_error(["--int8-fallback-tolerance", "0.01"], tmp_path)
+    assert line.endswith("--int8-fallback-tolerance is only used with --int8")
+    line = _int8_cli_error(["--no-int8-fallback"], tmp_path)
+    assert line.endswith("--no-int8-fallback is only used with --int8")
+    data = tmp_path / "data"
+    data.mkdir()
+    both = ["--int8", "--calib-data", str(data), "--no-int8-fallback"]
+    line = _int8_cli_error([*both, "--int8-fallback-tolerance", "0.01"], tmp_path)
+    assert "not allowed with" in line
+
+
+def test_export_cli_checks_the_npz_fallback_data_root_first(tmp_path):
+    npz = tmp_path / "calib.npz"
+    npz.write_bytes(b"")
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    args = ["--int8", "--calib-data", str(npz), "--data-root", str(empty)]
+    line = _int8_cli_error(args, tmp_path)
+    assert str(npz) in line and "proxy cases" in line and "--no-int8-fallback" in line
+    assert str(empty) in line
+    # without the float fallback a saved set needs no data folder: the next check is reached
+    line = _int8_cli_error([*args, "--no-int8-fallback"], tmp_path)
+    assert "checkpoint not found" in line and "nope.pt" in line
 
 
 def test_prompts_file_parsing(tmp_path):
@@ -579,6 +624,98 @@ def test_fp16_audit_fails_loudly_when_kept_graph_still_overflows(tmp_path):
         audit_fp16(model16, feeds, audit)
 
 
+def _cast_chain_model() -> onnx.ModelProto:
+    """x -> Relu -> FP16 -> FP32 -> FP16 -> FP32 round trips, read by FP32 and FP16 nodes.
+
+    y = 3 * (the chain's end), z = the chain's end as a graph output (a final Cast), and
+    w = Neg in FP16 of the middle FP16 tensor (its Cast to FP16 must stay).
+    """
+    from onnx import TensorProto, helper
+
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+    def cast(src: str, dst: str, to: int):
+        return helper.make_node("Cast", [src], [dst], to=to, name=f"cast_{dst}")
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        cast("r", "r16", f16),
+        cast("r16", "r32", f32),
+        cast("r32", "s16", f16),
+        cast("s16", "s32", f32),
+        helper.make_node("Mul", ["s32", "k"], ["y"], name="mul"),
+        cast("s16", "z", f32),
+        helper.make_node("Neg", ["s16"], ["n16"], name="neg"),
+        cast("n16", "w", f32),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cast_chain",
+        [helper.make_tensor_value_info("x", f32, [2, 3])],
+        [helper.make_tensor_value_info(n, f32, [2, 3]) for n in ("y", "z", "w")],
+        [helper.make_tensor("k", f32, [], [3.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_tidy_casts_resolves_chained_round_trips():
+    model = _cast_chain_model()
+    x = np.array([[-1.0, 0.1234567, 2.5], [3.3333333, -0.5, 1e-3]], np.float32)
+    names = ["y", "z", "w"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    before = sess.run(names, {"x": x})
+    tidy_casts(model)
+    onnx.checker.check_model(model, full_check=True)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    # y and z read the FP32 Relu output directly: no FP16 round trip left on their path
+    assert list(producer["y"].input) == ["r", "k"]
+    assert producer["z"].op_type == "Cast" and list(producer["z"].input) == ["r"]
+    # the FP16 reader keeps its Cast to FP16, now fed by the FP32 tensor
+    assert [producer[i].input[0] for i in producer["n16"].input] == ["r"]
+    assert {"r16", "r32", "s32"}.isdisjoint(producer)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    after = sess.run(names, {"x": x})
+    for name, a, b in zip(names, before, after):
+        assert a.dtype == b.dtype == np.float32, name
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6, err_msg=name)
+    # without the FP16 rounding, y and z are exact now
+    np.testing.assert_array_equal(after[0], 3 * np.maximum(x, 0))
+    np.testing.assert_array_equal(after[1], np.maximum(x, 0))
+
+
+def test_refusal_leaves_out_what_the_runtime_serves_from_the_cache():
+    from promptseg.export.prompt_cache import PromptCache
+    from promptseg.export.refusal import nearest_cosine
+
+    cache = PromptCache(
+        prompts=["segment the liver", "segment the spleen"],
+        targets=["liver", "spleen"],
+        embedding=np.array([[1.0, 0.0], [0.6, 0.8]], np.float32),
+        film=np.zeros((2, 3), np.float32),
+    )
+    queries = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+    # the runtime resolves "Segment the liver." from the cache (case, trailing punctuation),
+    # so leave-one-out drops that row for it; a different phrasing keeps it
+    got = nearest_cosine(queries, ["  Segment the LIVER. ", "outline the liver"], cache, True)
+    np.testing.assert_allclose(got, [0.6, 1.0], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_trailing_punctuation_resolves_to_the_cached_entry(exported):
+    from promptseg.runtime.prompt_resolver import PromptResolver, normalise_prompt
+
+    resolver = PromptResolver(exported["out"], threads=1)
+    cache, _ = load_cache(exported["out"] / "prompt_cache.safetensors")
+    for prompt in ("Segment the liver.", "segment the liver!", "Where is the liver"):
+        assert prompt not in cache.prompts
+        got = resolver.resolve(prompt)
+        assert (got.how, got.target, got.similarity) == ("normalised", "liver", 1.0), prompt
+        assert normalise_prompt(got.nearest) == normalise_prompt(prompt)
+        np.testing.assert_array_equal(got.film, cache.film[cache.index(got.nearest)])
+
+
 def test_choose_threshold_gap_and_overlap():
     t, bal, sep = choose_threshold(np.array([0.8, 0.9, 0.95]), np.array([0.3, 0.5, 0.6]))
     assert sep and bal == 1.0 and t == pytest.approx(0.7)
@@ -620,3 +757,32 @@ def test_tensorrt_plan_from_fp16_graph(exported, tmp_path, loaded):
     assert io["image"]["mode"] == "input" and io["image"]["dtype"] == "float"
     assert io["logits"]["mode"] == "output" and io["logits"]["shape"][1:] == [1, r, r]
     assert info["profile"] == {"min": 1, "opt": 4, "max": 8} and info["version"]
+
+
+@pytest.mark.trt
+@pytest.mark.slow
+def test_tensorrt_replaces_a_rejected_timing_cache(exported, tmp_path, loaded):
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"tensorrt does not import here ({type(exc).__name__}): no engine build")
+    from promptseg.export.tensorrt_build import build_engine
+
+    cache = tmp_path / "timing.cache"
+    foreign = b"not a timing cache of this TensorRT" * 64
+    cache.write_bytes(foreign)
+    lines: list[str] = []
+    kwargs = {
+        "resolution": loaded.config.resolution,
+        "film_dim": loaded.model.unet.film_dim,
+        "max_batch": 2,
+        "progress": lines.append,
+    }
+    source = exported["out"] / "model.fp16.onnx"
+    info = build_engine(source, tmp_path / "model.plan", cache, **kwargs)
+    assert "rejected the timing cache" in info["timing_cache_note"]
+    assert any("rejected the timing cache" in line for line in lines)
+    assert cache.read_bytes() != foreign and cache.stat().st_size > 0
+    # the cache written back is this machine's: the next build takes it without a note
+    info = build_engine(source, tmp_path / "model2.plan", cache, **kwargs)
+    assert "timing_cache_note" not in info
