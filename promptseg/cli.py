@@ -1,4 +1,8 @@
-"""``promptseg`` command line: train, evaluate, info."""
+"""``promptseg`` command line: train, study, evaluate, info, report, render, grids, robustness.
+
+Commands import their heavy modules (torch among them) only when they run, so ``render``,
+``report`` and ``--help`` work without torch.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,34 @@ from dataclasses import fields
 from pathlib import Path
 
 from promptseg.data.datasets import KINDS
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a usage error is one line naming the option, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+STUDY_HELP = "loss study, ablation, cross-modality (config-driven)"
 
 
 def _bool(text: str) -> bool:
@@ -31,16 +63,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cbam", type=_bool)
     p.add_argument("--loss", help="loss name or weighted sum, e.g. dice_bce or 'dice+0.5*boundary'")
     p.add_argument("--datasets", nargs="+", choices=KINDS)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch", type=int)
+    p.add_argument("--epochs", type=_positive)
+    p.add_argument("--batch", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--max-samples-per-epoch", dest="max_samples_per_epoch", type=int)
-    p.add_argument("--val-max-samples", dest="val_max_samples", type=int)
+    p.add_argument("--threads", type=_positive)
+    p.add_argument("--resolution", type=_non_negative, help="0: the preset's")
+    p.add_argument("--max-samples-per-epoch", dest="max_samples_per_epoch", type=_non_negative)
+    p.add_argument("--val-max-samples", dest="val_max_samples", type=_non_negative)
     p.add_argument("--encoder", help="'minilm' (default) or a local BERT-family folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -58,8 +90,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         choices=["canonical", "train", "heldout"],
         help="which phrasings to prompt with",
     )
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=_positive, default=16)
+    p.add_argument("--threads", type=_positive, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument(
         "--postprocess",
@@ -108,8 +140,8 @@ def _add_grids(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for grid_<dataset>.png")
     p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--max-cases", type=int, default=0, help="first N cases only (0: all)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-cases", type=_non_negative, default=0, help="first N cases only (0: all)")
+    p.add_argument("--threads", type=_positive, default=1)
 
 
 def cmd_grids(args: argparse.Namespace) -> int:
@@ -133,12 +165,20 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", required=True, type=Path, help="the shared data folder")
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, report.md")
     p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--max-cases", type=int, default=0, help="first N cases per dataset (0: all)")
-    p.add_argument("--phrasings", type=int, default=3, help="train/held-out phrasings per case")
+    p.add_argument(
+        "--max-cases", type=_non_negative, default=0, help="first N cases per dataset (0: all)"
+    )
+    p.add_argument(
+        "--phrasings", type=_positive, default=3, help="train/held-out phrasings per case"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--free-form", type=Path, help="JSON of free-form prompts (default: configs/)")
+    p.add_argument(
+        "--free-form",
+        type=Path,
+        help="JSON of free-form prompts (default: the packaged promptseg/data/free_form.json)",
+    )
     p.add_argument("--engine", type=Path, help="engine folder for refusal (default: packaged)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=_positive, default=1)
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
@@ -179,17 +219,26 @@ def _load_config_file(path: Path) -> dict:
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
+def _type_ok(value: object, annotation: str) -> bool:
+    """Whether a config value fits a TrainConfig annotation (true/false is not a number)."""
+    if annotation == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    expected = _TYPES.get(annotation)
+    if expected is None:
+        return True
+    if isinstance(value, bool):
+        return annotation == "bool"
+    return isinstance(value, expected)
+
+
 def _check_types(values: dict, source: Path | None) -> None:
     """Reject config values of the wrong type with a message naming the file and key."""
     from promptseg.train import TrainConfig
 
     for f in fields(TrainConfig):
-        expected = _TYPES.get(str(f.type))
-        if f.name in values and expected is not None:
-            v = values[f.name]
-            if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
-                where = f"{source}: " if source else ""
-                raise ValueError(f"{where}option {f.name!r} must be {f.type}, got {v!r}")
+        if f.name in values and not _type_ok(values[f.name], str(f.type)):
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}option {f.name!r} must be {f.type}, got {values[f.name]!r}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -253,13 +302,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from promptseg.studies.command import add_study_parser
+def _add_study(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    """The ``study`` parser. Its module imports torch (through the study specs), so it is
+    imported only when ``study`` is the command; otherwise a stand-in lists it in --help."""
+    if argv[:1] == ["study"]:
+        from promptseg.studies.command import add_study_parser
 
+        add_study_parser(sub)
+    else:
+        sub.add_parser("study", help=STUDY_HELP)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="promptseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     _add_train(sub)
-    add_study_parser(sub)
+    _add_study(sub, argv)
     _add_evaluate(sub)
     _add_info(sub)
     _add_report(sub)

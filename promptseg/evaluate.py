@@ -4,6 +4,11 @@ Cases: a CHAOS or LiTS volume is one case (3D metrics on the native grid, spacin
 brain tumour or BTCV slice is one case (2D metrics; distances in pixels since PNGs carry no
 spacing). Every target a case annotates is prompted. Present targets give metric rows; absent
 ones are scored slice by slice as "answered with an empty mask" or not.
+
+Masks are the probabilities above ``--threshold``. ``--postprocess largest`` keeps only the
+largest 3D connected component of each single-organ mask (liver, spleen, either kidney) in
+volumes before scoring (:mod:`promptseg.postprocess`); tumours and 2D slice cases are never
+reduced. The default ``none`` scores the raw thresholded masks; ``summary.json`` records which.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import csv
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +27,9 @@ from tqdm import tqdm
 
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
 from promptseg.data.bank import DOMAIN
-from promptseg.data.datasets import Case, load_cases
+from promptseg.data.datasets import DATASET_FOLDERS, KINDS, Case, load_cases
 from promptseg.metrics import segmentation_metrics
-from promptseg.postprocess import applies, largest_component
+from promptseg.postprocess import POSTPROCESS_MODES, applies, largest_component
 from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
 
 METRIC_KEYS = (
@@ -38,6 +44,48 @@ METRIC_KEYS = (
     "kappa",
     "ap",
 )
+
+
+def require_int(value: object, option: str, minimum: int) -> None:
+    """One-line ValueError naming ``option`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def dataset_folders(data_root: str | Path, datasets: Sequence[str]) -> dict[str, Path]:
+    """{kind: folder} of each dataset under the shared data folder, all checked to exist.
+
+    Raises:
+        ValueError: An unknown dataset kind.
+        FileNotFoundError: A dataset folder is missing (the first one, named).
+    """
+    folders = {}
+    for kind in datasets:
+        if kind not in KINDS:
+            raise ValueError(f"unknown dataset {kind!r}; expected one of {list(KINDS)}")
+        folder = Path(data_root) / DATASET_FOLDERS[kind]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: dataset folder not found")
+        folders[kind] = folder
+    return folders
+
+
+def case_metrics(
+    case: Case, pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None = None
+) -> dict:
+    """:func:`segmentation_metrics` with the case rule: a volume is scored in 3D with its
+    spacing in mm, a slice case in 2D (distances in pixels). Arrays are (Z, H, W)."""
+    if case.is_volume:
+        return segmentation_metrics(pred, truth, case.spacing, prob)
+    return segmentation_metrics(
+        pred[0], truth[0], case.spacing[1:], None if prob is None else prob[0]
+    )
+
+
+def grid_sample(row: dict, slices: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> dict:
+    """An :func:`overlay_grid` sample: ``row`` and the slice with the largest truth area."""
+    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
+    return {"row": row, "image": slices[z], "pred": pred[z], "truth": truth[z]}
 
 
 class Predictor:
@@ -121,19 +169,49 @@ def evaluate(
     progress: bool = True,
     postprocess: str = "none",
 ) -> dict:
-    """Evaluate every case of ``data`` (or one split); write cases.csv, summary.json, PNG grid."""
+    """Evaluate every case of ``data`` (or one split); write cases.csv, summary.json, PNG grid.
+
+    Args:
+        checkpoint: A ``.pt`` checkpoint or ``"default"``.
+        data: The dataset's folder.
+        dataset: Its kind (one of :data:`promptseg.data.datasets.KINDS`).
+        out: Output folder (created once the inputs are checked).
+        split: Only this documented split (``None``: every case).
+        prompt_set: "canonical", "train" or "heldout" phrasings.
+        batch: Slices per forward pass.
+        threads: Torch CPU threads.
+        threshold: Probability threshold of the masks.
+        max_cases: First N cases only (0: all).
+        progress: Show a progress bar.
+        postprocess: "none", or "largest": keep the largest 3D component of single-organ masks
+            in volumes before scoring (:func:`promptseg.postprocess.applies`).
+
+    Raises:
+        FileNotFoundError: Missing checkpoint or data folder.
+        ValueError: Bad numbers, an unknown dataset, split, prompt set or postprocess mode, or
+            an unreadable checkpoint.
+    """
+    require_int(batch, "--batch", 1)
+    require_int(threads, "--threads", 1)
+    require_int(max_cases, "max_cases", 0)
+    if postprocess not in POSTPROCESS_MODES:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
+    if prompt_set not in ("canonical", "train", "heldout"):
+        raise ValueError(
+            f"prompt set must be one of ['canonical', 'train', 'heldout'], got {prompt_set!r}"
+        )
     torch.set_num_threads(threads)
     started = time.time()
     loaded = load_checkpoint(checkpoint)
     predictor = Predictor(loaded, batch)
     prompting = _Prompting(prompt_set)
+    cases = load_cases(dataset, Path(data), split)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     absent: list[dict] = []
     kidney: dict[str, list[dict[str, float]]] = {"left kidney": [], "right kidney": []}
     samples: list[dict] = []
-    cases = load_cases(dataset, Path(data), split)
     for n, case in enumerate(tqdm(cases, desc=f"evaluate {dataset}", disable=not progress)):
         if max_cases and n >= max_cases:
             break
@@ -147,12 +225,7 @@ def evaluate(
                 pred = largest_component(pred)
             truth = case.masks[target]
             if truth.any():
-                m = segmentation_metrics(
-                    pred if case.is_volume else pred[0],
-                    truth if case.is_volume else truth[0],
-                    case.spacing if case.is_volume else case.spacing[1:],
-                    prob if case.is_volume else prob[0],
-                )
+                m = case_metrics(case, pred, truth, prob)
                 row = {
                     "case": case.case_id,
                     "target": target,
@@ -162,8 +235,7 @@ def evaluate(
                     "pred_voxels": int(pred.sum()),
                 }
                 rows.append(row)
-                z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
-                samples.append({"row": row, "image": slices[z], "pred": pred[z], "truth": truth[z]})
+                samples.append(grid_sample(row, slices, pred, truth))
                 if target in kidney and "left kidney" in case.masks:
                     kidney[target].append(_kidney_overlap(pred, case))
             for z in np.flatnonzero(~truth.reshape(truth.shape[0], -1).any(1)):

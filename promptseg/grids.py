@@ -18,23 +18,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from promptseg.checkpoint import load_checkpoint
-from promptseg.data.datasets import DATASET_FOLDERS, KINDS, load_cases
-from promptseg.evaluate import Predictor, overlay_grid
+from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
+from promptseg.data.datasets import KINDS, load_cases
+from promptseg.evaluate import (
+    Predictor,
+    case_metrics,
+    dataset_folders,
+    grid_sample,
+    overlay_grid,
+    require_int,
+)
 from promptseg.preprocess import normalize
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two bool arrays (1.0 when both are empty)."""
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
-
-
 def case_samples(
-    checkpoint: str | Path,
+    checkpoint: str | Path | LoadedCheckpoint,
     data: Path,
     dataset: str,
     *,
@@ -45,11 +45,16 @@ def case_samples(
 ) -> list[dict]:
     """One sample per (case, present target): Dice and the slice with the largest truth area.
 
+    ``checkpoint`` is a path, ``"default"`` or an already loaded checkpoint. Dice and the shown
+    slice come from :func:`promptseg.evaluate.case_metrics` and
+    :func:`promptseg.evaluate.grid_sample`, as in ``promptseg evaluate``.
+
     Returns:
         Dicts with ``row`` (case, target, prompt, dice), ``image`` (H, W) in [0, 1], ``pred``
         and ``truth`` (H, W) bool: the input of :func:`promptseg.evaluate.overlay_grid`.
     """
-    loaded = load_checkpoint(checkpoint)
+    require_int(max_cases, "--max-cases", 0)
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
     predictor = Predictor(loaded, batch)
     samples: list[dict] = []
     for n, case in enumerate(load_cases(dataset, Path(data), split)):
@@ -63,10 +68,9 @@ def case_samples(
         probs = predictor.predict(slices, prompts)
         for target, prompt, prob in zip(targets, prompts, probs):
             pred, truth = prob > threshold, case.masks[target]
-            z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
             row = {"case": case.case_id, "target": target, "prompt": prompt}
-            row["dice"] = dice(pred, truth)
-            samples.append({"row": row, "image": slices[z], "pred": pred[z], "truth": truth[z]})
+            row["dice"] = float(case_metrics(case, pred, truth)["dice"])
+            samples.append(grid_sample(row, slices, pred, truth))
     return samples
 
 
@@ -100,24 +104,28 @@ def write_grids(
 ) -> dict[str, Path]:
     """Write ``out/grid_<dataset>.png`` for each dataset; returns {dataset: path}.
 
+    Every input (numbers, dataset folders, the checkpoint) is checked before ``out`` is
+    created; the checkpoint is loaded once for all datasets.
+
     Raises:
-        FileNotFoundError: A dataset folder under ``data_root`` is missing.
-        ValueError: An unknown dataset or split.
+        FileNotFoundError: A dataset folder under ``data_root`` or the checkpoint is missing.
+        ValueError: An unknown dataset or split, ``threads`` < 1, ``max_cases`` < 0, or an
+            unreadable checkpoint.
     """
+    require_int(threads, "--threads", 1)
+    require_int(max_cases, "--max-cases", 0)
+    require_int(batch, "batch", 1)
+    folders = dataset_folders(data_root, datasets)
+    for kind, folder in folders.items():
+        load_cases(kind, folder, split)  # checks the split (lazy: reads no case)
+    loaded = load_checkpoint(checkpoint)
     torch.set_num_threads(threads)
     out = Path(out)
-    for kind in datasets:
-        if kind not in KINDS:
-            raise ValueError(f"unknown dataset {kind!r}; expected one of {list(KINDS)}")
-        folder = Path(data_root) / DATASET_FOLDERS[kind]
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: dataset folder not found")
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for kind in datasets:
-        folder = Path(data_root) / DATASET_FOLDERS[kind]
+    for kind, folder in folders.items():
         samples = case_samples(
-            checkpoint,
+            loaded,
             folder,
             kind,
             split=split,

@@ -14,13 +14,11 @@ SINGLE_COMPONENT_TARGETS = frozenset({"liver", "spleen", "left kidney", "right k
 POSTPROCESS_MODES = ("largest", "none")
 
 
-def largest_component(mask: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component of a bool (Z, H, W) mask (empty stays empty).
 
-    Components tied for the largest size are all kept, so the result does not depend on the
-    scan order of the array (a flipped volume gives the flipped mask). With ``weights``
-    (e.g. the probabilities, same shape) a component's size is the sum of its weights, so a
-    large but unsure false positive loses to a smaller confident organ.
+    Size is the voxel count. Components tied for the largest size are all kept, so the result
+    does not depend on the scan order of the array (a flipped volume gives the flipped mask).
     """
     from scipy import ndimage
 
@@ -30,8 +28,7 @@ def largest_component(mask: np.ndarray, weights: np.ndarray | None = None) -> np
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n <= 1:
         return mask
-    w = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    sizes = np.bincount(labels.ravel(), weights=w)
+    sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return (sizes == sizes.max())[labels]
 

@@ -19,7 +19,8 @@ grid; a brain tumour or BTCV slice is one case, scored in 2D) and its :class:`Pr
    every case: the fractions of all predicted voxels (pooled over the split) inside the
    left-kidney truth, inside the right-kidney truth and elsewhere (each row sums to 1), and the
    Dice of each prompt against each side (mean over the cases where that side is present).
-4. **Free-form.** Clinical phrasings from a JSON file (``configs/robustness/free_form.json``):
+4. **Free-form.** Clinical phrasings from a JSON file (default: the packaged
+   ``promptseg/data/free_form.json``; ``--free-form FILE`` for another):
    Dice on their target where it is present; off-topic prompts: the per-slice empty rate over
    every validation slice. For each, whether the runtime's prompt resolver
    (:mod:`promptseg.runtime.prompt_resolver`, the packaged engine's calibrated cosine
@@ -48,9 +49,8 @@ import torch
 
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
 from promptseg.data.bank import DOMAIN
-from promptseg.data.datasets import DATASET_FOLDERS, KINDS, LOCAL_ONLY, Case, load_cases
-from promptseg.evaluate import Predictor, _Prompting
-from promptseg.metrics import segmentation_metrics
+from promptseg.data.datasets import KINDS, LOCAL_ONLY, Case, load_cases
+from promptseg.evaluate import Predictor, _Prompting, case_metrics, dataset_folders, require_int
 from promptseg.preprocess import normalize
 from promptseg.prompts import FREE_FORM
 from promptseg.runtime.manifest import sha256_file
@@ -58,9 +58,7 @@ from promptseg.runtime.manifest import sha256_file
 SETS = ("canonical", "train", "heldout")
 KIDNEYS = ("left kidney", "right kidney")
 KIDNEY_DATASETS = ("chaos-mr", "btcv-ct")
-DEFAULT_FREE_FORM = (
-    Path(__file__).resolve().parents[1] / "configs" / "robustness" / "free_form.json"
-)
+DEFAULT_FREE_FORM = Path(__file__).resolve().parent / "data" / "free_form.json"  # package data
 PROMPT_CHUNK = 8
 
 
@@ -163,10 +161,7 @@ def known_phrasing(vocab, prompt: str) -> str | None:
 
 def _metrics(case: Case, pred: np.ndarray, truth: np.ndarray) -> dict:
     """Dice, IoU and HD95 with evaluate's case rule (3D for volumes, 2D for slices)."""
-    if case.is_volume:
-        m = segmentation_metrics(pred, truth, case.spacing)
-    else:
-        m = segmentation_metrics(pred[0], truth[0], case.spacing[1:])
+    m = case_metrics(case, pred, truth)
     return {k: float(m[k]) for k in ("dice", "iou", "hd95")}
 
 
@@ -175,6 +170,8 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _sd(values: Sequence[float]) -> float | None:
+    """Population standard deviation (ddof=0), as labelled in report.md; the committed
+    results were computed with it (the studies report the sample sd, ddof=1)."""
     return float(np.std(values)) if len(values) else None
 
 
@@ -401,23 +398,19 @@ def robustness(
 
     Raises:
         FileNotFoundError: Missing checkpoint, data folder or free-form file.
-        ValueError: Unknown dataset, bad numbers, malformed free-form file or checkpoint.
+        ValueError: Unknown dataset, bad numbers (``phrasings``, ``threads``, ``batch`` < 1,
+            ``max_cases`` < 0), malformed free-form file or checkpoint. All are checked before
+            ``out`` is created.
     """
     started = time.time()
     git = _git_hash()  # at the start: the code that produced the numbers
-    for kind in datasets:
-        if kind not in KINDS:
-            raise ValueError(f"unknown dataset {kind!r}; expected one of {list(KINDS)}")
-    if phrasings < 1 or max_cases < 0:
-        raise ValueError(
-            f"--phrasings must be >= 1 and --max-cases >= 0, got {phrasings}, {max_cases}"
-        )
-    ckpt_path = resolve_checkpoint(checkpoint)
+    require_int(phrasings, "--phrasings", 1)
+    require_int(max_cases, "--max-cases", 0)
+    require_int(threads, "--threads", 1)
+    require_int(batch, "batch", 1)
     data_root = Path(data_root)
-    for kind in datasets:
-        folder = data_root / DATASET_FOLDERS[kind]
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: dataset folder not found")
+    folders = dataset_folders(data_root, datasets)
+    ckpt_path = resolve_checkpoint(checkpoint)
     loaded = load_checkpoint(ckpt_path)
     ff = load_free_form(free_form, loaded.vocabulary.targets)
     if command is None:
@@ -433,7 +426,7 @@ def robustness(
     for kind in datasets:
         t0 = time.time()
         n_cases = n_slices = n_pred = 0
-        for n, case in enumerate(load_cases(kind, data_root / DATASET_FOLDERS[kind], "val")):
+        for n, case in enumerate(load_cases(kind, folders[kind], "val")):
             if max_cases and n >= max_cases:
                 break
             slices = normalize(case.image, case.modality, loaded.preprocessing)
@@ -829,8 +822,8 @@ def _headline(results: dict) -> list[str]:
 def _section_sets(results: dict) -> list[str]:
     L = ["## 1. Canonical vs training vs held-out phrasings", ""]
     L.append(
-        "Dice mean ± sd over (case, phrasing) pairs; a case is a volume (CHAOS, LiTS: 3D Dice) or "
-        "a slice (brain, BTCV: 2D Dice). Δ: mean over cases of (that set's Dice on the case - "
+        "Dice mean ± population sd (ddof=0) over (case, phrasing) pairs; a case is a volume "
+        "(CHAOS, LiTS: 3D Dice) or a slice (brain, BTCV: 2D Dice). Δ: mean over cases of (that set's Dice on the case - "
         "the canonical prompt's Dice on the same case). n: scored pairs; p: distinct phrasings."
     )
     L.append("")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ from promptseg.prompts import PromptVocabulary
 # Geometric policy per dataset: brain images may flip freely; the LiTS crop's orientation is
 # unknown (any of the 8 dihedral orientations); CHAOS/BTCV keep the left/right convention.
 FLIP_POLICY = {"brain-tumor": "flip", "lits-ct": "dihedral", "chaos-mr": "none", "btcv-ct": "none"}
+
+# TrainConfig fields a resumed run may change: where outputs go and the data is read from, the
+# device, the thread count and the progress bar. Every other field shapes the trained weights
+# (recipe, data selection, schedule, seed) and must equal the saved run's on --resume.
+RESUME_MAY_CHANGE = frozenset({"out", "data_root", "device", "threads", "progress"})
 
 
 @dataclass
@@ -70,6 +76,50 @@ class TrainConfig:
             raise ValueError(
                 f"epochs, batch must be >= 1 and lr > 0; got {self.epochs}, {self.batch}, {self.lr}"
             )
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``"name saved -> now"`` for each result-shaping field of ``cfg`` that differs from the
+    saved run's config (fields in :data:`RESUME_MAY_CHANGE` or absent from ``saved`` are not
+    compared)."""
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as saved
+    return [
+        f"{name} {saved[name]!r} -> {value!r}"
+        for name, value in now.items()
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value
+    ]
+
+
+def _check_resume(state: dict, cfg: TrainConfig, last_path: Path) -> None:
+    """Refuse to resume ``last_path`` with options that change the result (one-line error).
+
+    ``last.pt`` files from before the config was saved in them hold only ``epochs``; those
+    are compared with that and with ``config.json`` beside them (if readable), with a warning.
+    """
+    saved = state.get("config")
+    if saved is None:
+        saved, checked = {}, []
+        try:
+            saved = dict(json.loads((last_path.parent / "config.json").read_text())["config"])
+            checked.append("config.json")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if "epochs" in state:
+            saved["epochs"] = state["epochs"]
+            checked.append("its epochs")
+        print(
+            f"warning: {last_path} holds no training config (written by an older version); "
+            f"resume checked against {' and '.join(checked) or 'nothing'} only",
+            file=sys.stderr,
+        )
+    diffs = resume_mismatches(saved, cfg)
+    if diffs:
+        raise ValueError(
+            f"{last_path}: cannot resume with different options ({'; '.join(diffs)}); "
+            "resume with the run's options or train into another --out"
+        )
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -220,8 +270,25 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run training; returns the path of the best checkpoint."""
+    """Run training; returns the path of the best checkpoint.
+
+    With ``resume``, training continues from ``out/last.pt`` when it exists; a config that
+    differs from the saved run's in a field that shapes the result (all but
+    :data:`RESUME_MAY_CHANGE`) is a ValueError naming the fields, raised before anything is
+    written.
+    """
     out = Path(cfg.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    state = None
+    if resume and last_path.is_file():
+        try:
+            state = torch.load(last_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unpickling error is a bad file
+            detail = " ".join(str(exc).split())[:200]
+            raise ValueError(f"{last_path}: not a readable training state ({detail})") from exc
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"{last_path}: not a promptseg training state (no 'model' entry)")
+        _check_resume(state, cfg, last_path)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.threads)
     overrides = {"fusion": cfg.fusion, "se": cfg.se, "cbam": cfg.cbam}
@@ -252,14 +319,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     history: list[dict] = []
     start_epoch, best_score = 1, -1.0
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("epochs", cfg.epochs) != cfg.epochs:
-            raise ValueError(
-                f"{last_path}: was trained with epochs={state['epochs']} (the cosine schedule "
-                f"depends on it); resume with the same --epochs, got {cfg.epochs}"
-            )
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -348,6 +408,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "best_score": best_score,
             "epoch": epoch,
             "epochs": cfg.epochs,
+            "config": asdict(cfg),  # checked on --resume
         }
         tmp = last_path.with_name(".last.pt.tmp")
         torch.save(state, tmp)

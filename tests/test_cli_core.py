@@ -132,3 +132,154 @@ def test_train_malformed_config_names_the_file(tmp_path, name, text):
     assert result.returncode == 2
     lines = _error_lines(result.stderr)
     assert len(lines) == 1 and str(config) in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------- no torch
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "promptseg" / "examples"
+
+
+def test_render_and_help_do_not_import_torch(tmp_path):
+    """``promptseg render`` (and --help of every command but study) runs without torch."""
+    png = tmp_path / "example.png"
+    code = f"""
+import sys
+from promptseg.cli import main
+
+for argv in (["--help"], ["render", "--help"], ["grids", "--help"], ["train", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code == 0, (argv, exc.code)
+assert "torch" not in sys.modules, "--help imported torch"
+volume, label = {str(EXAMPLES / "chaos_mr_1.nii.gz")!r}, {str(EXAMPLES / "chaos_mr_1_label.nii.gz")!r}
+assert main(["render", volume, label, "-o", {str(png)!r}]) == 0
+assert "torch" not in sys.modules, "render imported torch"
+print("no torch")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith("no torch")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_help_shows_the_real_study_options():
+    """The study parser is only built for ``study``, but it is the real one."""
+    result = _run("study", "--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--workers", "--cache", "--device", "{run,report}"):
+        assert option in result.stdout
+    listing = _run("--help")
+    assert re.search(r"^\s+study\s+\S", listing.stdout, re.M), listing.stdout
+    missing = _run("study", "run")
+    assert missing.returncode == 2
+    lines = _error_lines(missing.stderr)
+    assert len(lines) == 1 and "configs" in lines[0], missing.stderr
+
+
+def test_study_stand_in_help_matches_the_study_parser():
+    """``promptseg --help`` lists study with a stand-in; its text is the real parser's."""
+    import argparse
+
+    from promptseg.cli import STUDY_HELP
+    from promptseg.studies.command import add_study_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_study_parser(sub)
+    assert [a.help for a in sub._choices_actions] == [STUDY_HELP]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _one_line_exit_2(result: subprocess.CompletedProcess, *expected: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def _command(name: str, out: Path, data_root: Path) -> list[str]:
+    if name == "evaluate":
+        data = str(data_root / "chaos-mr-t2spir")
+        return ["evaluate", "default", "--data", data, "--dataset", "chaos-mr", "--out", str(out)]
+    return [name, "default", "--data-root", str(data_root), "--out", str(out)]
+
+
+@pytest.mark.parametrize("command", ["grids", "robustness", "evaluate"])
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_bad_threads_is_a_one_line_error(tmp_path, data_root, command, threads):
+    out = tmp_path / "out"
+    result = _run(*_command(command, out, data_root), "--threads", threads)
+    line = _one_line_exit_2(result, f"promptseg {command}: error:", "--threads", repr(threads))
+    assert "integer >= 1" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["grids", "robustness"])
+def test_negative_max_cases_is_a_one_line_error(tmp_path, data_root, command):
+    out = tmp_path / "out"
+    result = _run(*_command(command, out, data_root), "--max-cases", "-1")
+    _one_line_exit_2(result, "--max-cases", "integer >= 0", "'-1'")
+    assert not out.exists()
+
+
+def test_grids_missing_checkpoint_creates_nothing(tmp_path, data_root):
+    out = tmp_path / "grids"
+    missing = tmp_path / "missing.pt"
+    result = _run("grids", str(missing), "--data-root", str(data_root), "--out", str(out))
+    _one_line_exit_2(result, "promptseg grids: error:", str(missing), "checkpoint not found")
+    assert not out.exists()
+
+
+def test_grids_unreadable_checkpoint_creates_nothing(tmp_path, data_root):
+    out = tmp_path / "grids"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = _run("grids", str(bad), "--data-root", str(data_root), "--out", str(out))
+    _one_line_exit_2(result, "promptseg grids: error:", str(bad))
+    assert not out.exists()
+
+
+def test_evaluate_missing_data_folder_creates_nothing(tmp_path):
+    out = tmp_path / "eval"
+    missing = tmp_path / "no-such-data"
+    result = _run(
+        "evaluate", "default", "--data", str(missing), "--dataset", "chaos-mr", "--out", str(out)
+    )
+    _one_line_exit_2(result, "promptseg evaluate: error:", str(missing), "not found")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"lr": True}, "lr"),
+        ({"weight_decay": False}, "weight_decay"),
+        ({"neg_ratio": True}, "neg_ratio"),
+        ({"epochs": True}, "epochs"),
+        ({"datasets": "chaos-mr"}, "datasets"),
+        ({"threads": 0}, "threads"),
+    ],
+)
+def test_train_config_wrong_type_or_value_names_the_key(tmp_path, values, key):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**values, "out": str(tmp_path / "run")}))
+    result = _run("train", "--config", str(config))
+    line = _one_line_exit_2(result, "promptseg train: error:", key)
+    assert str(config) in line or key == "threads"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", ["--threads", "--epochs", "--batch"])
+def test_train_non_positive_numbers_on_the_command_line(tmp_path, option):
+    result = _run("train", option, "0", "--out", str(tmp_path / "run"))
+    _one_line_exit_2(result, "promptseg train: error:", option, "integer >= 1")
+    assert not (tmp_path / "run").exists()

@@ -183,6 +183,53 @@ def test_report_lists_every_phrasing_and_the_command(small_run):
     for t in results["free_form"]["off_topic"]:
         # Off-topic prompts are far from every known target: the runtime refuses them.
         assert t["refusal"]["refused"] is True, t
+    assert results["meta"]["free_form_file"] == str(DEFAULT_FREE_FORM)
+
+
+def test_reported_sd_is_the_population_sd_it_is_labelled(small_run):
+    out, results, report = small_run
+    assert "Dice mean ± population sd (ddof=0)" in report
+    with open(out / "cases.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["set"] == "train"]
+    by_target: dict[str, list[float]] = {}
+    for r in rows:
+        by_target.setdefault(r["target"], []).append(float(r["dice"]))
+    spread = [t for t, d in by_target.items() if len(d) > 1 and np.std(d) > 1e-3]
+    assert spread, by_target  # a target where ddof=0 and ddof=1 differ visibly
+    for target in spread:
+        dice = by_target[target]
+        got = results["prompt_sets"]["brain-tumor"][target]["train"]["dice_sd"]
+        assert got == pytest.approx(np.std(dice), abs=1e-5)  # cases.csv rounds to 6 places
+        assert got != pytest.approx(np.std(dice, ddof=1), abs=1e-5)
+
+
+def test_default_free_form_file_is_package_data():
+    import promptseg
+
+    package = Path(promptseg.__file__).resolve().parent
+    assert DEFAULT_FREE_FORM == package / "data" / "free_form.json"
+    assert DEFAULT_FREE_FORM.is_file()
+    repo = Path(__file__).resolve().parents[1]
+    assert not (repo / "configs" / "robustness" / "free_form.json").exists()  # one copy only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"threads": 0}, "--threads must be an integer >= 1, got 0"),
+        ({"batch": 0}, "batch must be an integer >= 1, got 0"),
+        ({"max_cases": -1}, "--max-cases must be an integer >= 0, got -1"),
+        ({"phrasings": 0}, "--phrasings must be an integer >= 1, got 0"),
+        ({"datasets": ["chaos-ct"]}, "unknown dataset 'chaos-ct'"),
+    ],
+)
+def test_bad_arguments_raise_before_anything_is_written(tmp_path, data_root, overrides, match):
+    from promptseg.robustness import robustness
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        robustness("default", data_root, out, **overrides)
+    assert not out.exists()
 
 
 def test_confusion_bookkeeping_on_real_chaos_truth(data_root):

@@ -8,7 +8,11 @@ two busy cores). The banks of preprocessed slices are built once with the real
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -156,6 +160,76 @@ def test_resume_after_interruption_equals_uninterrupted(run, run_a, tmp_path, ca
     reference = json.loads((run_a / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in resumed] == [1, 2, 3]
     assert [h["train_loss"] for h in resumed] == [h["train_loss"] for h in reference]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _train_cli(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "promptseg.cli", "train", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_resume_with_other_options_is_refused_before_writing(run_a, data_root, tmp_path):
+    """The CLI on a copy of a finished run: changed recipe -> one line naming every field."""
+    out = tmp_path / "run"
+    shutil.copytree(run_a, out)
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["config"]
+    assert saved == {
+        **TrainConfig().__dict__,
+        **BASE,
+        "data_root": str(data_root),
+        "out": str(run_a),
+    }
+    before = _snapshot(out)
+    config = tmp_path / "changed.json"
+    changed = {"lr": 1e-3, "loss": "dice", "neg_ratio": 0.25, "datasets": ["brain-tumor"]}
+    config.write_text(json.dumps({**BASE, "data_root": str(data_root), "out": str(out), **changed}))
+    result = _train_cli(config, "--resume")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"promptseg train: error: {out / 'last.pt'}: cannot resume")
+    for name, value in changed.items():
+        assert f"{name} {BASE.get(name, TrainConfig().__dict__[name])!r} -> {value!r}" in lines[0]
+    assert "epochs" not in lines[0] and "threads" not in lines[0]
+    assert _snapshot(out) == before  # config.json, metrics, checkpoints untouched
+
+
+def test_resume_allows_other_threads_and_progress(run, run_a, tmp_path, capsys):
+    """Fields outside the recipe may change: a finished run resumes to no further epoch."""
+    out = tmp_path / "run"
+    shutil.copytree(run_a, out)
+    run("unused", resume_dir=out, threads=2, progress=True, device="cpu")
+    assert f"resumed from {out / 'last.pt'} at epoch 4" in capsys.readouterr().out
+    assert _same_weights(_weights(out), _weights(run_a))
+    assert json.loads((out / "config.json").read_text())["config"]["threads"] == 2
+
+
+def test_resume_of_an_older_last_pt_checks_what_it_holds(run, run_a, tmp_path, capsys):
+    """A last.pt without a saved config: epochs and config.json are checked, with a warning."""
+    out = tmp_path / "run"
+    shutil.copytree(run_a, out)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    del state["config"]
+    torch.save(state, out / "last.pt")
+    with pytest.raises(ValueError, match=r"cannot resume.*epochs 3 -> 4"):
+        run("unused", resume_dir=out, epochs=4)
+    err = capsys.readouterr().err
+    assert "holds no training config" in err and "config.json and its epochs" in err
+    with pytest.raises(ValueError, match=r"cannot resume.*batch 8 -> 4"):
+        run("unused", resume_dir=out, batch=4)  # from config.json
+    (out / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"epochs 3 -> 5"):
+        run("unused", resume_dir=out, epochs=5)
+    assert "checked against its epochs only" in capsys.readouterr().err
 
 
 def test_run_outputs(run_a):

@@ -30,15 +30,23 @@ FINGERPRINT_KEYS = ("device", "splits_sha256", "encoder", "preprocessing")
 
 
 def git_hash() -> str:
+    """HEAD of the checkout this code runs from (``-dirty`` with uncommitted changes)."""
+    here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+            cwd=here,
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=10,
+            cwd=here,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
