@@ -384,7 +384,10 @@ def draw(
             raise InputError(
                 m.name, f"mask shape {m.data.shape} does not match the volume's {volume.data.shape}"
             )
-    oriented = bool(volume.meta.get("orientation_known", volume.kind != "mrc"))
+    from promptseg.runtime.orientation import volume_reorientation
+
+    _, unknown = volume_reorientation(volume, "RAS")
+    oriented = unknown is None
     image, data, spacing, ornt = _to_ras(volume, masks)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     colours = _colours(len(masks))

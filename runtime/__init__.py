@@ -1,7 +1,8 @@
 """promptseg.runtime: torch-free inference on exported engine folders.
 
-Imports and runs with numpy, nibabel, pydicom, onnxruntime, pillow and safetensors only;
-TensorRT and PyTorch are imported lazily by the engines that need them.
+Imports and runs with numpy, nibabel, pydicom, onnxruntime, scipy, pillow, safetensors and
+tqdm only (the package's required dependencies); TensorRT and PyTorch are imported lazily by the
+engines that need them.
 
     >>> from promptseg.runtime import run
     >>> run(["image_1.nii.gz"], ["liver"], output="liver.nii.gz")  # doctest: +SKIP

@@ -1,8 +1,10 @@
 """``promptseg.runtime.run``: the Python API that ``promptseg-run`` mirrors.
 
-Everything is validated before the first inference: options, the engine folder (manifest and
-file hashes), the prompt cache and every prompt, every input (read completely) and every output
-path. Then the engine is opened once and each input is segmented and written atomically.
+Everything is validated before the first output is written: options, the engine folder
+(manifest and file sizes; each file's hash on its first use), the prompt cache and every
+prompt, every input (read completely), every output path, and the image graph or plan when
+the engine is opened (once, before the first input is segmented). Each output is written
+atomically.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from promptseg.runtime.engines import (
 )
 from promptseg.runtime.io import (
     Image2D,
+    _probe_writable,
     check_output,
     input_kind,
     labels_sidecar,
@@ -42,7 +45,13 @@ from promptseg.runtime.io import (
     read_input,
 )
 from promptseg.runtime.manifest import EngineFolder
-from promptseg.runtime.pipeline import MODALITY_CHOICES, SegmentationResult, segment
+from promptseg.runtime.orientation import volume_reorientation
+from promptseg.runtime.pipeline import (
+    MODALITY_CHOICES,
+    SegmentationResult,
+    check_engine,
+    segment,
+)
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 
 _CACHE_BYTES = 1 << 30  # keep validated inputs in memory up to this size, re-read the rest
@@ -55,6 +64,7 @@ def _check_options(
     threshold: float,
     modality: str,
     volume: int | None,
+    threads: int | None = None,
 ) -> None:
     try:
         check_backend(backend)
@@ -74,6 +84,8 @@ def _check_options(
         )
     if volume is not None and int(volume) < 0:
         raise InputError("--volume", f"must be 0 or more, got {volume}")
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise InputError("--threads", f"must be a positive integer, got {threads}")
 
 
 def _open_engine(
@@ -81,6 +93,8 @@ def _open_engine(
 ) -> Engine:
     try:
         return select_backend(name, folder, precision, threads=threads)
+    except InputError:
+        raise  # already names the file (a corrupted graph or plan, a bad manifest)
     except (BackendError, ImportError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"--backend {name}", first) from exc
@@ -179,7 +193,7 @@ def run(
         raise InputError(
             "INPUT", "no input given; expected NIfTI files, DICOM folders or 2-D images"
         )
-    _check_options(backend, precision, batch, threshold, modality, volume)
+    _check_options(backend, precision, batch, threshold, modality, volume, threads)
     if postprocess not in POSTPROCESS_MODES:
         raise InputError(
             "--postprocess", f"unknown mode {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}"
@@ -198,7 +212,7 @@ def run(
     if json_path is not None:
         check_output(Path(json_path), paths, False, what="JSON summary")
     if render is not None:
-        _check_render(Path(render), paths, kinds, outputs, json_path)
+        _check_render(Path(render), paths, kinds, outputs, json_path, len(resolved))
     # Read every input completely before the first inference (no partial outputs).
     loaded: dict[int, tuple[Volume | Image2D, list[str], float]] = {}
     budget = _CACHE_BYTES
@@ -213,6 +227,7 @@ def run(
     summaries: list[dict[str, Any]] = []
     bar = None
     with _open_engine(backend, folder, precision, threads) as eng:
+        check_engine(eng, folder.preprocessing, int(resolved[0].film.shape[-1]))
         say(f"backend: {eng.backend} ({eng.precision}; {', '.join(eng.providers)})")
         for i, (inp, out) in enumerate(zip(paths, outputs)):
             if i in loaded:
@@ -288,8 +303,13 @@ def _check_render(
     kinds: list[str],
     outputs: list[Path],
     json_path: PathLike | None,
+    n_labels: int,
 ) -> None:
-    """Validate ``--render`` before any inference: one volume input, a free .png path, extras."""
+    """Validate ``--render`` before anything is written.
+
+    One volume input, at most ``promptseg.render.MAX_LABELS`` prompts, a free .png path in a
+    writable folder, and the render extra installed.
+    """
     if len(paths) != 1:
         raise InputError("--render", f"draws one input's picture; got {len(paths)} inputs")
     if kinds[0] == "image":
@@ -301,7 +321,13 @@ def _check_render(
     others = [*paths, *outputs, *([Path(json_path)] if json_path is not None else [])]
     if any(picture.resolve() == Path(o).resolve() for o in others):
         raise InputError(picture, "--render path is an input or another output; choose another")
+    if n_labels > pictures.MAX_LABELS:
+        raise InputError(
+            "--render",
+            f"{n_labels} prompts; a picture draws at most {pictures.MAX_LABELS} labels",
+        )
     pictures.check_output(picture)
+    _probe_writable(picture.parent, picture)
     try:
         pictures.check_available()
     except ImportError as exc:
@@ -310,11 +336,7 @@ def _check_render(
 
 def _slice_axis(image: Volume, folder: EngineFolder) -> int:
     """Input axis that becomes the slice axis after reorientation."""
-    from promptseg.runtime.orientation import reorientation
-
-    if not image.meta.get("orientation_known", True):
-        return 2
-    reo = reorientation(image.affine, image.data.shape, folder.axcodes)
+    reo, _ = volume_reorientation(image, folder.axcodes)
     return int(reo.inverse[2, 0])
 
 

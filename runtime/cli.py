@@ -33,6 +33,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {' '.join(message.split())}\n")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
@@ -83,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write a JSON summary")
     p.add_argument("--volume", type=int, default=None, metavar="N", help="volume of a 4-D NIfTI")
     p.add_argument("--series", default=None, metavar="UID", help="SeriesInstanceUID to read")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime threads")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads (a positive integer; default: ONNX Runtime's choice)",
+    )
     p.add_argument(
         "--render",
         metavar="PNG",

@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from promptseg.data.readers import InputError, PathLike
-from promptseg.runtime.manifest import EngineFolder, TensorSpec, sha256_file
+from promptseg.runtime.manifest import (
+    MANIFEST,
+    EngineFolder,
+    IntegrityError,
+    TensorSpec,
+    sha256_file,
+)
 
 BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -117,6 +123,7 @@ class Engine:
         self.providers: list[str] = []
         self.notes: list[str] = []
         self.source = ""
+        self.folder: EngineFolder | None = None  # the engine folder it was opened from
 
     def __enter__(self) -> Engine:
         return self
@@ -349,11 +356,19 @@ class _CudaPython:
 
 
 class _PyCuda:
-    """Device buffers and a stream through pycuda (primary context via pycuda.autoinit)."""
+    """Device buffers and a stream through pycuda, in the device's primary context.
+
+    ``pycuda.autoprimaryctx`` (pycuda >= 2021.1) retains the primary context that TensorRT and
+    the CUDA runtime also use; older pycuda only has ``pycuda.autoinit``, which creates a
+    separate context of its own.
+    """
 
     def __init__(self) -> None:
         self.cuda = importlib.import_module("pycuda.driver")
-        importlib.import_module("pycuda.autoinit")
+        try:
+            importlib.import_module("pycuda.autoprimaryctx")
+        except ImportError:
+            importlib.import_module("pycuda.autoinit")
         self.stream = self.cuda.Stream()
         self._allocs: dict[int, Any] = {}
 
@@ -415,30 +430,73 @@ def cuda_device_count() -> int:
 # --------------------------------------------------------------------------- TensorRT
 
 
-class TrtEngine(Engine):
-    """The serialized TensorRT plan (``model.plan``, built from the FP16 graph).
+def plan_precision(manifest: dict[str, Any]) -> str:
+    """Precision of ``model.plan``: that of the ONNX graph it was built from.
 
-    Uses the name-based TensorRT 10/11 API: ``deserialize_cuda_engine``,
-    ``create_execution_context``, ``set_input_shape``, ``set_tensor_address`` and
-    ``execute_async_v3`` on a CUDA stream. Device buffers come from pycuda when importable,
-    else from cuda-python. Batches larger than the plan's optimisation profile are split.
+    The plan is strongly typed, so its precision is the source graph's (manifest
+    ``tensorrt.source``: ``model.fp16.onnx`` with ``promptseg-export --fp16``, else
+    ``model.onnx``), looked up in the manifest's ``graphs``.
+
+    Raises:
+        ValueError: The manifest names no source graph, or one that is not in ``graphs``.
+    """
+    source = (manifest.get("tensorrt") or {}).get("source")
+    graphs = {str(v): str(k) for k, v in (manifest.get("graphs") or {}).items() if v}
+    if not source or str(source) not in graphs:
+        raise ValueError(
+            f"tensorrt.source {source!r} is not one of the graphs {sorted(graphs)}; "
+            "cannot tell the plan's precision"
+        )
+    return graphs[str(source)]
+
+
+def _folder_plan_precision(folder: EngineFolder) -> str:
+    """:func:`plan_precision` of a folder, as an InputError naming its manifest."""
+    try:
+        return plan_precision(folder.manifest)
+    except ValueError as exc:
+        raise InputError(folder.path / MANIFEST, str(exc)) from None
+
+
+class TrtEngine(Engine):
+    """The serialized TensorRT plan (``model.plan``).
+
+    The plan is strongly typed: its precision is that of the graph it was built from
+    (:func:`plan_precision`). Uses the name-based TensorRT 10/11 API:
+    ``deserialize_cuda_engine``, ``create_execution_context``, ``set_input_shape``,
+    ``set_tensor_address`` and ``execute_async_v3`` on a CUDA stream. Device buffers come from
+    pycuda when importable, else from cuda-python. Batches larger than the plan's optimisation
+    profile are split.
 
     Raises:
         ImportError: tensorrt (or both CUDA bindings) missing; names ``promptseg[trt]``.
-        InputError: The folder has no plan, or the plan does not deserialize here.
+        InputError: The folder has no plan, the plan's hash differs from the manifest, or the
+            plan does not deserialize here.
     """
 
     def __init__(self, engine_dir: PathLike | EngineFolder) -> None:
         trt = _import_trt_module("tensorrt")
         folder = _open_folder(engine_dir)
         super().__init__(folder.inputs, folder.outputs)
-        plan = folder.plan
-        if plan is None:
+        if folder.plan is None:
             raise InputError(
                 folder.path, "no TensorRT plan (model.plan); re-export on a machine with TensorRT"
             )
+        self.folder = folder
+        self.precision = _folder_plan_precision(folder)
+        plan = folder.file(folder.plan.name)  # SHA-256 checked before the plan is loaded
         self.trt = trt
-        self.cuda = _cuda_runtime()
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity bytes)
+        self.cuda: _PyCuda | _CudaPython | None = _cuda_runtime()
+        try:
+            self._load(folder, plan)
+        except BaseException:
+            self.close()  # release the stream (and buffers) before the error propagates
+            raise
+
+    def _load(self, folder: EngineFolder, plan: Path) -> None:
+        """Deserialize the plan, create its context and check its I/O against the manifest."""
+        trt = self.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
@@ -461,9 +519,7 @@ class TrtEngine(Engine):
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         first = self.input_names[0]
         self.max_batch = int(self.engine.get_tensor_profile_shape(first, 0)[2][0])
-        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity bytes)
         self.backend = "tensorrt"
-        self.precision = "fp16"
         self.providers = [f"TensorRT {trt.__version__}"]
         self.source = str(plan)
 
@@ -478,6 +534,8 @@ class TrtEngine(Engine):
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = next(iter(inputs.values())).shape[0]
+        if n <= self.max_batch:
+            return self._run_chunk(inputs)  # one chunk: no concatenation copy
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, n, self.max_batch):
             chunk = {k: v[start : start + self.max_batch] for k, v in inputs.items()}
@@ -510,13 +568,15 @@ class TrtEngine(Engine):
     def close(self) -> None:
         if getattr(self, "cuda", None) is None:
             return
-        for ptr, _ in self._buffers.values():
-            self.cuda.free(ptr)
-        self._buffers.clear()
         self.context = None
         self.engine = None
-        self.cuda.close()
-        self.cuda = None
+        try:
+            for ptr, _ in self._buffers.values():
+                self.cuda.free(ptr)
+            self._buffers.clear()
+        finally:
+            self.cuda.close()
+            self.cuda = None
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -582,7 +642,9 @@ class TorchEngine(Engine):
         candidates.append(Path(promptseg.__file__).with_name("weights") / "default.pt")
         for path in candidates:
             if path.is_file() and (not want or sha256_file(path) == want):
-                return cls(path, precision)
+                engine = cls(path, precision)
+                engine.folder = folder
+                return engine
         raise InputError(
             folder.path / "manifest.json",
             f"the torch backend needs the checkpoint this engine was exported from "
@@ -630,6 +692,22 @@ def _tensorrt_ready(folder: EngineFolder) -> str | None:
     return None
 
 
+def _trt_precision_mismatch(folder: EngineFolder, precision: str | None) -> str | None:
+    """None when the plan runs ``precision`` (None: any), else why the tensorrt backend cannot."""
+    if precision is None or folder.plan is None:
+        return None
+    try:
+        built = plan_precision(folder.manifest)
+    except ValueError as exc:
+        return str(exc)
+    if built == precision:
+        return None
+    return (
+        f"the TensorRT plan is {built} (built from {folder.manifest['tensorrt']['source']}) "
+        f"and --precision {precision} was asked"
+    )
+
+
 def select_backend(
     name: str,
     engine_dir: PathLike | EngineFolder,
@@ -640,7 +718,7 @@ def select_backend(
     """Open the engine for a backend name.
 
     ``auto`` tries TensorRT (tensorrt imports, a CUDA device exists, the folder has
-    ``model.plan``, and the precision is fp16 or unset), then ONNX Runtime CUDA (provider
+    ``model.plan``, and the precision is unset or the plan's, :func:`plan_precision`), then ONNX Runtime CUDA (provider
     available), then ONNX Runtime CPU; ``engine.notes`` say why earlier choices were skipped.
     Unset precision means fp16 on a GPU (when the folder has the graph) and fp32 on CPU.
 
@@ -653,10 +731,9 @@ def select_backend(
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     folder = _open_folder(engine_dir)
     if name == "tensorrt":
-        if precision not in (None, "fp16"):
-            raise BackendError(
-                f"the tensorrt backend runs the FP16 plan; got --precision {precision}"
-            )
+        why = _trt_precision_mismatch(folder, precision)
+        if why is not None:
+            raise BackendError(why)
         return TrtEngine(folder)
     if name == "ort-cuda":
         return OrtEngine(
@@ -666,20 +743,17 @@ def select_backend(
         return OrtEngine(folder, precision or "fp32", ("cpu",), threads=threads)
     if name == "torch":
         return TorchEngine.from_engine(folder, precision or "fp32")
-    notes: list[str] = []
-    why = _tensorrt_ready(folder)
-    if why is None and precision not in (None, "fp16"):
-        why = f"the TensorRT plan is fp16 and --precision {precision} was asked"
+    why = _tensorrt_ready(folder) or _trt_precision_mismatch(folder, precision)
     if why is None:
         try:
-            engine: Engine = TrtEngine(folder)
-            engine.notes[:0] = notes
-            return engine
+            return TrtEngine(folder)
+        except IntegrityError:
+            raise  # a corrupted engine folder is bad input, not a reason to fall back
         except Exception as exc:  # noqa: BLE001 - auto falls back to ONNX Runtime
             why = (
                 f"TensorRT failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             )
-    notes.append(f"tensorrt skipped: {why}")
+    notes = [f"tensorrt skipped: {why}"]
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():

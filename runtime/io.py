@@ -72,6 +72,7 @@ def read_input(
     """
     kind = input_kind(path)
     with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # record every note, whatever -W / PYTHONWARNINGS say
         try:
             result = _read(path, kind, volume_index, series_uid)
         except ImportError as exc:  # an optional reader (mrcfile, tifffile) is not installed

@@ -1,8 +1,13 @@
 """The engine folder (docs/engine_format.md): manifest parsing and integrity checks.
 
 An :class:`EngineFolder` is opened once per run. Opening it checks the manifest's format and
-version, that every file it lists exists with the recorded size and SHA-256, and that the files
-every runtime needs are present; any problem raises :class:`InputError` naming the file.
+version, that every file it lists exists with the recorded size, and that the files every
+runtime needs are present. A file's SHA-256 is checked on its first use
+(:meth:`EngineFolder.file`): the image graph the engine loads, the prompt cache, and the text
+encoder, vocabulary and FiLM generator only when a prompt misses the cache, so a run whose
+prompts are all cached does not hash the 44 MB text encoder. Every file is used before the first
+output is written, so a mismatch still ends the run with nothing written. Any problem raises
+:class:`InputError` naming the file (:class:`IntegrityError` for a size or hash mismatch).
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ class TensorSpec:
         return f"{self.name} {self.dtype.name} [{dims}]"
 
 
+class IntegrityError(InputError):
+    """An engine-folder file whose size or SHA-256 differs from the manifest."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file."""
     h = hashlib.sha256()
@@ -90,6 +99,7 @@ class EngineFolder:
         inputs: Specs of the image graph's inputs (``image``, ``film``).
         outputs: Specs of its outputs (``logits``).
         preprocessing: Normalisation settings shared with training.
+        verify_hashes: Check each listed file's SHA-256 on its first use (:meth:`file`).
     """
 
     path: Path
@@ -98,14 +108,19 @@ class EngineFolder:
     inputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
     outputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    verify_hashes: bool = True
+    _verified: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: PathLike | None = None, *, verify_hashes: bool = True) -> EngineFolder:
         """Open and validate an engine folder (``None``: the packaged default engine).
 
+        Every listed file must exist with its recorded size; SHA-256 hashes are checked lazily,
+        on each file's first use through :meth:`file` (never with ``verify_hashes=False``).
+
         Raises:
             InputError: Missing folder or files, unreadable or inconsistent manifest, a file
-                whose size or SHA-256 differs from the manifest.
+                whose size differs from the manifest.
         """
         folder = Path(path) if path is not None else DEFAULT_ENGINE_DIR
         manifest_path = folder / MANIFEST
@@ -127,8 +142,7 @@ class EngineFolder:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(manifest_path, f"not valid JSON ({exc})") from exc
         _check_manifest(manifest_path, manifest)
-        if verify_hashes:
-            _check_files(folder, manifest_path, manifest["files"])
+        _check_files(folder, manifest_path, manifest["files"])
         try:
             inputs = tuple(TensorSpec.from_dict(d) for d in manifest["inputs"])
             outputs = tuple(TensorSpec.from_dict(d) for d in manifest["outputs"])
@@ -144,13 +158,27 @@ class EngineFolder:
                 f"graph I/O {names} -> {[s.name for s in outputs]}; expected "
                 "['image', 'film'] -> ['logits']",
             )
-        return cls(folder, manifest, hashlib.sha256(raw).hexdigest(), inputs, outputs, pre)
+        digest = hashlib.sha256(raw).hexdigest()
+        return cls(folder, manifest, digest, inputs, outputs, pre, verify_hashes)
 
     def file(self, name: str) -> Path:
-        """Path of a file of the folder (checked to exist)."""
+        """Path of a file of the folder, checked to exist and (first use) to match its SHA-256.
+
+        Raises:
+            InputError: The file is missing.
+            IntegrityError: Its SHA-256 differs from the manifest's.
+        """
         p = self.path / name
         if not p.is_file():
             raise InputError(p, "missing from the engine folder")
+        if self.verify_hashes and name not in self._verified:
+            facts = (self.manifest.get("files") or {}).get(name)
+            want = facts.get("sha256") if isinstance(facts, dict) else facts
+            if want and sha256_file(p) != want:
+                raise IntegrityError(
+                    p, f"SHA-256 differs from {MANIFEST}; the file is corrupted or replaced"
+                )
+            self._verified.add(name)
         return p
 
     @property
@@ -178,10 +206,11 @@ class EngineFolder:
         return float(self.manifest["prompt_refusal"]["threshold"])
 
     def graph(self, precision: str) -> Path:
-        """The image graph for a precision ("fp32", "fp16", "int8").
+        """The image graph for a precision ("fp32", "fp16", "int8"), hash-checked (:meth:`file`).
 
         Raises:
             InputError: The folder has no graph of that precision (lists the available ones).
+            IntegrityError: The graph's SHA-256 differs from the manifest's.
         """
         graphs = {k: v for k, v in self.manifest["graphs"].items() if v}
         available = [k for k, v in graphs.items() if (self.path / v).is_file()]
@@ -191,11 +220,11 @@ class EngineFolder:
                 f"no {precision} image graph in this engine folder; available: "
                 f"{', '.join(available) or 'none'} (export with --fp16 / --int8 to add them)",
             )
-        return self.path / graphs[precision]
+        return self.file(graphs[precision])
 
     @property
     def plan(self) -> Path | None:
-        """The TensorRT plan, or None when the export built none."""
+        """The TensorRT plan (hash-checked only through :meth:`file`), or None if none was built."""
         trt = self.manifest.get("tensorrt") or {}
         name = trt.get("plan")
         if not name or not (self.path / name).is_file():
@@ -221,20 +250,15 @@ def _check_manifest(path: Path, manifest: Any) -> None:
 
 
 def _check_files(folder: Path, manifest_path: Path, files: dict[str, Any]) -> None:
-    """Every listed file exists with the recorded size and SHA-256."""
+    """Every listed file exists with the recorded size (hashes: :meth:`EngineFolder.file`)."""
     for name, facts in sorted(files.items()):
         p = folder / name
         if not p.is_file():
             raise InputError(p, f"missing from the engine folder (listed in {manifest_path.name})")
         want_bytes = facts.get("bytes") if isinstance(facts, dict) else None
-        want_sha = facts.get("sha256") if isinstance(facts, dict) else facts
         size = p.stat().st_size
         if want_bytes is not None and int(want_bytes) != size:
-            raise InputError(
+            raise IntegrityError(
                 p,
                 f"size {size} bytes differs from the manifest's {want_bytes}; corrupted or replaced",
-            )
-        if want_sha and sha256_file(p) != want_sha:
-            raise InputError(
-                p, f"SHA-256 differs from {manifest_path.name}; the file is corrupted or replaced"
             )

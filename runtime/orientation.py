@@ -9,8 +9,9 @@ inverse transform returns the mask onto exactly the input's voxel grid.
 The orientation comes from the voxel-to-world affine: nibabel's for NIfTI files, and for DICOM
 series the affine :func:`promptseg.data.readers.read_dicom_series` builds from
 ImageOrientationPatient / ImagePositionPatient. Oblique volumes are mapped to the closest
-axis-aligned orientation (``io_orientation``). Volumes that store no orientation (MRC) are
-used as they are, with a warning. 2-D images (PNG/JPEG/TIFF) carry no orientation
+axis-aligned orientation (``io_orientation``). Volumes that store no orientation (MRC, NIfTI
+with qform_code and sform_code 0) are used as they are, with a warning
+(:func:`volume_reorientation`). 2-D images (PNG/JPEG/TIFF) carry no orientation
 and are used as they are: a 2-D image is assumed to be already in the training convention (the
 brain and BTCV slices of the training data are).
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from promptseg.data.readers import Volume
 
 
 def _orientations():  # noqa: ANN202 - nibabel is a runtime dependency, imported lazily
@@ -48,17 +51,21 @@ class Reorientation:
     input_axcodes: str
     axcodes: str
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.array_equal(self.forward, [[0, 1], [1, 1], [2, 1]]))
-
     def apply(self, data: np.ndarray) -> np.ndarray:
         """Input-grid array (X, Y, Z, ...) -> canonical (rows, columns, slices, ...)."""
+        return np.ascontiguousarray(self._view(data))
+
+    def slices(self, data: np.ndarray) -> np.ndarray:
+        """Input-grid volume (X, Y, Z) -> canonical slices (slices, rows, columns), one copy."""
+        return np.ascontiguousarray(self._view(data).transpose(2, 0, 1))
+
+    def _view(self, data: np.ndarray) -> np.ndarray:
+        """The canonical (rows, columns, slices, ...) view of an input-grid array (no copy)."""
         if tuple(data.shape[:3]) != self.input_shape:
             raise ValueError(
                 f"expected an array of spatial shape {self.input_shape}, got {data.shape}"
             )
-        return np.ascontiguousarray(_orientations().apply_orientation(data, self.forward))
+        return _orientations().apply_orientation(data, self.forward)
 
     def undo(self, data: np.ndarray) -> np.ndarray:
         """Canonical array (rows, columns, slices, ...) -> input grid (X, Y, Z, ...)."""
@@ -114,3 +121,25 @@ def reorientation(
         input_axcodes="".join(str(c) for c in o.ornt2axcodes(source)),
         axcodes=axcodes,
     )
+
+
+def orientation_known(volume: Volume) -> bool:
+    """Whether a volume's affine carries its patient orientation (MRC files never do)."""
+    return bool(volume.meta.get("orientation_known", volume.kind != "mrc"))
+
+
+def volume_reorientation(volume: Volume, axcodes: str = "LAS") -> tuple[Reorientation, str | None]:
+    """The transform of a :class:`~promptseg.data.readers.Volume` to ``axcodes``.
+
+    Returns:
+        The :class:`Reorientation` and None, or, for a volume that stores no patient
+        orientation (``meta["orientation_known"]`` False; MRC by default), the identity
+        transform and a one-line warning saying the volume is used as it is.
+    """
+    if orientation_known(volume):
+        return reorientation(volume.affine, volume.data.shape, axcodes), None
+    warning = (
+        f"the file stores no patient orientation; used as it is (assumed {axcodes}, "
+        "left/right targets are unreliable)"
+    )
+    return identity_reorientation(volume.affine, volume.data.shape, axcodes), warning

@@ -7,13 +7,18 @@ Steps (docs/engine_format.md, "Using it"):
 2. Intensities are normalised with the training arithmetic (:func:`promptseg.preprocess.normalize`)
    using bounds computed once over the whole volume, then each slice is resized to R x R.
 3. Slices go through the engine in batches, the prompt's FiLM vector repeated per slice.
-4. Logits are resized to the input grid, passed through the sigmoid and thresholded
-   (:func:`promptseg.preprocess.logits_to_probability`); with several prompts the label of the
-   most probable prompt wins where more than one exceeds the threshold (labels 1..K).
+4. Logits are resized to the input grid (bilinear); a voxel is on for a prompt where the sigmoid
+   of its logit exceeds the threshold. Sigmoid is monotonic, so this is computed as
+   ``logit >= logit_cutoff(threshold)`` (:func:`logit_cutoff`, same result bit for bit) and the
+   sigmoid is only evaluated where several prompts are on.
 5. Post-processing (``postprocess="largest"``, the default): in a volume, each single-organ
-   target (liver, spleen, either kidney) keeps only its largest 3D connected component
-   (:mod:`promptseg.postprocess`); tumour masks are never reduced.
-6. The label map goes back to the input orientation.
+   target (liver, spleen, either kidney) keeps only the largest 3D connected component of its
+   own mask (:mod:`promptseg.postprocess`, as ``promptseg evaluate`` does); tumour masks are
+   never reduced.
+6. With several prompts, each voxel takes the label (1..K) of the most probable prompt whose
+   post-processed mask is on there; equal probabilities go to the lower label
+   (:class:`LabelVotes`).
+7. The label map goes back to the input orientation.
 
 Modality ``auto``: a DICOM series uses its Modality tag (CT or MR). Otherwise a volume is CT
 when its minimum is below -500 and its values look like Hounsfield units (minimum >= -3100,
@@ -25,7 +30,7 @@ percentile rule unless ``--modality ct`` says they hold HU.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,13 +41,13 @@ from promptseg.postprocess import POSTPROCESS_MODES, applies, largest_component
 from promptseg.preprocess import (
     Preprocessing,
     intensity_bounds,
-    logits_to_probability,
     normalize,
     resize_bilinear,
+    sigmoid,
 )
 from promptseg.runtime.engines import Engine
 from promptseg.runtime.io import Image2D
-from promptseg.runtime.orientation import Reorientation, identity_reorientation, reorientation
+from promptseg.runtime.orientation import Reorientation, volume_reorientation
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 
 MODALITY_CHOICES = ("auto", "ct", "mr")
@@ -119,26 +124,172 @@ def _resolve(
     return out
 
 
-def _check_engine(engine: Engine, pre: Preprocessing, film_dim: int) -> int:
-    """Model resolution R from the engine's image input, checked against the preprocessing."""
+def _engine_where(engine: Engine) -> str:
+    """The engine folder (or the engine's source file) for error messages."""
+    if engine.folder is not None:
+        return str(engine.folder.path)
+    return engine.source or "--engine"
+
+
+def check_engine(engine: Engine, pre: Preprocessing, film_dim: int) -> int:
+    """Model resolution R from the engine's image input, checked against the preprocessing.
+
+    Raises:
+        InputError: The engine's inputs disagree with the manifest's preprocessing or with the
+            prompts' FiLM vectors (names the engine folder).
+    """
     spec = {s.name: s for s in engine.inputs}
     res = spec["image"].shape[-1]
     if not isinstance(res, int) or res != pre.resolution:
-        raise ValueError(
-            f"engine image input {spec['image'].describe()} does not match resolution {pre.resolution}"
+        raise InputError(
+            _engine_where(engine),
+            f"engine image input {spec['image'].describe()} does not match the preprocessing "
+            f"resolution {pre.resolution}; the engine folder is inconsistent",
         )
     p = spec["film"].shape[-1]
     if isinstance(p, int) and p != film_dim:
-        raise ValueError(f"prompt FiLM vectors have {film_dim} values; the engine expects {p}")
+        raise InputError(
+            _engine_where(engine),
+            f"prompt FiLM vectors have {film_dim} values; the engine expects {p}",
+        )
     return res
 
 
-def _have_scipy() -> bool:
-    try:
-        import scipy.ndimage  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def logit_cutoff(threshold: float) -> np.float32:
+    """The smallest float32 logit whose float32 sigmoid exceeds ``threshold``.
+
+    ``logits >= logit_cutoff(t)`` equals ``sigmoid(logits) > t`` element for element (the
+    cutoff is found by bisection with :func:`promptseg.preprocess.sigmoid` itself, which is
+    monotonic) without evaluating the sigmoid per voxel. NaN when no logit qualifies (a
+    threshold that rounds to 1.0 in float32), so that every comparison is False.
+    """
+
+    def above(x: np.float32) -> bool:
+        return bool(sigmoid(np.array([x], dtype=np.float32))[0] > threshold)
+
+    lo, hi = np.float32(-200.0), np.float32(200.0)  # sigmoid: exactly 0 and exactly 1
+    if above(lo):
+        return np.float32(-np.inf)
+    if not above(hi):
+        return np.float32(np.nan)
+    while True:
+        mid = np.float32((float(lo) + float(hi)) / 2.0)
+        if mid == lo or mid == hi:  # adjacent float32 values
+            return hi
+        if above(mid):
+            hi = mid
+        else:
+            lo = mid
+
+
+class LabelVotes:
+    """The prompts' thresholded masks on a (Z, H, W) grid, merged into a label map.
+
+    Prompts are added batch by batch, in label order. ``first`` holds the lowest label whose
+    mask is on at each voxel; where several masks are on, every such prompt's logit is kept
+    (a sparse list), so :meth:`labels` can post-process each prompt's own mask before the
+    prompts compete for a voxel. Memory: the uint8 map, those few overlap entries and one
+    batch of float32 logits.
+
+    Args:
+        shape: (Z, H, W) of the label map.
+        threshold: Probability above which a voxel is on for a prompt.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], threshold: float) -> None:
+        self.cutoff = logit_cutoff(threshold)
+        self.first = np.zeros(shape, dtype=np.uint8)
+        self._plane = int(shape[1]) * int(shape[2])
+        self._start = -1
+        self._label_now = 0
+        self._first_logit = np.empty(0, dtype=np.float32)
+        self._shared = np.empty(0, dtype=bool)
+        self._index: list[np.ndarray] = []
+        self._label: list[np.ndarray] = []
+        self._logit: list[np.ndarray] = []
+
+    def add(self, start: int, label: int, logits: np.ndarray) -> None:
+        """Record prompt ``label``'s logits (n, H, W) on the input grid for slices from ``start``.
+
+        Raises:
+            ValueError: Not called batch by batch with labels 1, 2, ... in order.
+        """
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        if start != self._start:  # a new batch: its voxels are still unclaimed
+            self._start, self._label_now = start, 0
+            self._first_logit = np.empty(logits.shape, dtype=np.float32)
+            self._shared = np.zeros(logits.shape, dtype=bool)
+        if label != self._label_now + 1:
+            raise ValueError(f"expected label {self._label_now + 1} for slice {start}, got {label}")
+        self._label_now = label
+        first = self.first[start : start + logits.shape[0]]
+        on = logits >= self.cutoff
+        taken = first != 0
+        both = on & taken
+        if both.any():
+            offset = start * self._plane
+            lone = np.flatnonzero(both & ~self._shared)  # first prompt not yet listed there
+            self._keep(lone + offset, first.ravel()[lone], self._first_logit.ravel()[lone])
+            shared = np.flatnonzero(both)
+            self._keep(
+                shared + offset, np.full(shared.size, label, np.uint8), logits.ravel()[shared]
+            )
+            self._shared |= both
+        alone = on & ~taken
+        first[alone] = label
+        self._first_logit[alone] = logits[alone]
+
+    def _keep(self, index: np.ndarray, label: np.ndarray, logit: np.ndarray) -> None:
+        self._index.append(index.astype(np.int64, copy=False))
+        self._label.append(np.asarray(label, dtype=np.uint8))
+        self._logit.append(np.asarray(logit, dtype=np.float32))
+
+    def overlaps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flat voxel index, label, logit) of every prompt on at a voxel where several are."""
+        if not self._index:
+            return np.empty(0, np.int64), np.empty(0, np.uint8), np.empty(0, np.float32)
+        return (
+            np.concatenate(self._index),
+            np.concatenate(self._label),
+            np.concatenate(self._logit),
+        )
+
+    def labels(self, reduce: Collection[int] = ()) -> np.ndarray:
+        """The merged uint8 (Z, H, W) label map.
+
+        Each label in ``reduce`` first keeps only the largest 3D connected component of its own
+        mask; then every voxel where several masks are still on takes the most probable prompt
+        (the lower label on equal probabilities).
+        """
+        index, label, logit = self.overlaps()
+        out = self.first.copy()
+        keep = np.ones(index.size, dtype=bool)
+        for k in reduce:
+            mask = self.first == k
+            mask.ravel()[index[label == k]] = True
+            dropped = mask & ~largest_component(mask)
+            out[dropped] = 0
+            keep &= ~((label == k) & dropped.ravel()[index])
+        if index.size:
+            out.ravel()[index] = 0
+            idx, lab, prob = index[keep], label[keep], sigmoid(logit[keep])
+            order = np.lexsort((lab, -prob, idx))  # by voxel, most probable first, lower label
+            idx, lab = idx[order], lab[order]
+            best = np.ones(idx.size, dtype=bool)
+            best[1:] = idx[1:] != idx[:-1]
+            out.ravel()[idx[best]] = lab[best]
+        return out
+
+
+def _volume_slices(
+    image: Volume, axcodes: str
+) -> tuple[np.ndarray, Reorientation, float, list[str]]:
+    """A volume as contiguous (Z, H, W) slices in ``axcodes``, its transform, voxel ml, warnings."""
+    reo, warning = volume_reorientation(image, axcodes)
+    warn = [] if warning is None else [warning]
+    if image.meta.get("voxel_size_missing"):
+        warn.append("the file stores no voxel size; volume_ml assumes 1 mm voxels")
+    return reo.slices(image.data), reo, voxel_volume_ml(image.affine), warn
 
 
 def segment(
@@ -169,7 +320,8 @@ def segment(
         axcodes: Training orientation of (rows, columns, slices).
         progress: Called with the number of slices finished after every batch.
         postprocess: "largest" keeps the largest 3D connected component of each single-organ
-            target (liver, spleen, each kidney) in a volume; "none" keeps every component.
+            target (liver, spleen, each kidney) in a volume, per prompt before the prompts
+            compete for voxels; "none" keeps every component.
 
     Returns:
         The :class:`SegmentationResult`; an all-constant input gives an empty mask and a warning.
@@ -183,25 +335,16 @@ def segment(
             "--postprocess", f"unknown mode {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}"
         )
     resolved = _resolve(prompts, resolver)
-    res = _check_engine(engine, preprocessing, int(resolved[0].film.shape[-1]))
+    res = check_engine(engine, preprocessing, int(resolved[0].film.shape[-1]))
     t0 = time.perf_counter()
     mod = choose_modality(image, modality)
     reo: Reorientation | None = None
     warn: list[str] = []
+    voxel_ml: float | None = None
     if isinstance(image, Image2D):
         slices = image.data[None]  # (1, H, W)
-        voxel_ml = None
     else:
-        if image.meta.get("orientation_known", True):
-            reo = reorientation(image.affine, image.data.shape, axcodes)
-        else:
-            reo = identity_reorientation(image.affine, image.data.shape, axcodes)
-            warn.append(
-                f"the file stores no patient orientation; used as it is (assumed {axcodes}, "
-                "left/right targets are unreliable)"
-            )
-        slices = reo.apply(image.data).transpose(2, 0, 1)  # (Z, H, W) view, rows x columns
-        voxel_ml = voxel_volume_ml(image.affine)
+        slices, reo, voxel_ml, warn = _volume_slices(image, axcodes)  # (Z, H, W), rows x columns
     n_slices, height, width = slices.shape
     lo, hi = intensity_bounds(slices, mod, preprocessing)
     window = replace(preprocessing, ct_window=(float(lo), float(hi)))
@@ -216,9 +359,16 @@ def segment(
             f"the {mod} intensity window is empty ({lo:g} to {hi:g}); the model sees a blank image"
         )
     seconds = {"preprocess": time.perf_counter() - t0, "infer": 0.0, "postprocess": 0.0}
-    labels_zhw = np.zeros((n_slices, height, width), dtype=np.uint8)
+    votes = LabelVotes((n_slices, height, width), threshold)
     per_prompt_infer = [0.0] * len(resolved)
     if not constant:
+        rows = min(batch, n_slices)
+        films = [  # each prompt's (batch, P) FiLM block, built once; batch n uses [:n]
+            np.ascontiguousarray(
+                np.broadcast_to(rp.film.astype(np.float32), (rows, rp.film.shape[-1]))
+            )
+            for rp in resolved
+        ]
         for start in range(0, n_slices, batch):
             t = time.perf_counter()
             chunk = normalize(
@@ -227,36 +377,27 @@ def segment(
             small = resize_bilinear(chunk, (res, res))[:, None]  # (n, 1, R, R)
             n = small.shape[0]
             seconds["preprocess"] += time.perf_counter() - t
-            best = np.zeros((n, height, width), dtype=np.float32)
-            lab = labels_zhw[start : start + n]
-            for k, rp in enumerate(resolved, start=1):
-                film = np.ascontiguousarray(
-                    np.broadcast_to(rp.film.astype(np.float32), (n, rp.film.shape[-1]))
-                )
+            for k, film in enumerate(films, start=1):
                 t = time.perf_counter()
-                logits = engine.infer({"image": small, "film": film})["logits"]
+                logits = engine.infer({"image": small, "film": film[:n]})["logits"]
                 dt = time.perf_counter() - t
                 seconds["infer"] += dt
                 per_prompt_infer[k - 1] += dt
                 t = time.perf_counter()
-                prob = logits_to_probability(logits[:, 0], (height, width))
-                win = (prob > threshold) & (prob > best)
-                lab[win] = k
-                best[win] = prob[win]
+                votes.add(start, k, resize_bilinear(logits[:, 0], (height, width)))
                 seconds["postprocess"] += time.perf_counter() - t
             if progress is not None:
                 progress(n)
     elif progress is not None:
         progress(n_slices)
     t = time.perf_counter()
-    if reo is not None and not constant and postprocess != "none" and not _have_scipy():
-        warn.append("SciPy is not installed: organ masks keep every connected component")
-        postprocess = "none"
-    if reo is not None and not constant:
-        for k, rp in enumerate(resolved, start=1):
-            if applies(rp.target, postprocess, is_volume=n_slices > 1):
-                mine = labels_zhw == k
-                labels_zhw[mine & ~largest_component(mine)] = 0
+    is_volume = reo is not None and n_slices > 1
+    reduce = [
+        k
+        for k, rp in enumerate(resolved, start=1)
+        if not constant and applies(rp.target, postprocess, is_volume=is_volume)
+    ]
+    labels_zhw = votes.labels(reduce)
     counts = np.bincount(labels_zhw.ravel(), minlength=len(resolved) + 1)
     per_slice = [np.any(labels_zhw == k, axis=(1, 2)) for k in range(1, len(resolved) + 1)]
     if reo is None:

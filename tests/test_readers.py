@@ -78,6 +78,21 @@ def test_read_nifti_chaos(chaos: Volume, data_root: Path) -> None:
     assert 0.0 <= chaos.data.min() and chaos.data.max() < 5000.0
 
 
+def test_nifti_orientation_known_follows_the_header_codes(chaos: Volume, tmp_path: Path) -> None:
+    assert chaos.meta["orientation_known"] is True  # CHAOS: qform_code = sform_code = 1
+    data = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    plain = nib.Nifti1Image(data, None)  # no affine: both codes stay 0
+    assert int(plain.header["qform_code"]) == 0 and int(plain.header["sform_code"]) == 0
+    nib.save(plain, str(tmp_path / "plain.nii"))
+    vol = read_nifti(tmp_path / "plain.nii")
+    assert vol.meta["orientation_known"] is False
+    np.testing.assert_array_equal(vol.data, data)  # still read, in the file's voxel order
+    sform_only = nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0]))
+    sform_only.header.set_qform(None, code=0)
+    nib.save(sform_only, str(tmp_path / "sform.nii"))
+    assert read_nifti(tmp_path / "sform.nii").meta["orientation_known"] is True
+
+
 def test_read_brain_png_and_mask(data_root: Path) -> None:
     image, info = read_image_2d(data_root / "brain-tumor-cheng" / "images" / "10.png")
     assert image.shape == (512, 512) and image.dtype == np.float32

@@ -250,6 +250,63 @@ def test_promptseg_run_render_bad_options_write_nothing(
         assert sorted(p.name for p in tmp_path.iterdir()) == [], (name, err)
 
 
+def test_promptseg_run_render_checks_labels_and_folder_before_writing(
+    default_engine: Path, tmp_path: Path
+) -> None:
+    """Too many labels to draw, or an unwritable picture folder: exit 2 before the mask is written."""
+    from promptseg.render import MAX_LABELS
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mask = out / "m.nii.gz"
+    many = [a for _ in range(MAX_LABELS + 1) for a in ("--prompt", "liver")]
+    cases = {
+        "too many labels": (
+            [EXAMPLE, "-o", mask, "--render", out / "p.png", *many],
+            f"{MAX_LABELS + 1} prompts; a picture draws at most {MAX_LABELS} labels",
+        ),
+    }
+    if Path("/proc/self").is_dir():
+        cases["unwritable folder"] = (
+            [EXAMPLE, "-o", mask, "--render", "/proc/promptseg-picture.png", "--prompt", "liver"],
+            "/proc/promptseg-picture.png: cannot write to folder /proc",
+        )
+    for name, (args, words) in cases.items():
+        proc = _run(*args)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (name, err)
+        assert len(err.splitlines()) == 1 and words in err, (name, err)
+        assert list(out.iterdir()) == [], (name, err)  # no mask, no sidecar, no picture
+
+
+def test_render_draws_a_nifti_without_orientation_in_array_order(tmp_path: Path) -> None:
+    """qform_code = sform_code = 0: drawn like an MRC (array order, no side letters).
+
+    The same voxels with the same affine, once with the orientation codes set, give another
+    picture: only the codes differ, so the difference is the orientation_known branch.
+    """
+    from PIL import Image
+
+    from promptseg.data.readers import read_volume
+    from promptseg.render import Mask, draw
+
+    data = np.zeros((16, 12, 6), np.float32)
+    data[4:10, 3:8, 1:5] = 100.0
+    nib.save(nib.Nifti1Image(data, None), str(tmp_path / "plain.nii.gz"))
+    plain = read_volume(tmp_path / "plain.nii.gz")
+    nib.save(nib.Nifti1Image(data, plain.affine), str(tmp_path / "coded.nii.gz"))
+    coded = read_volume(tmp_path / "coded.nii.gz")
+    assert plain.meta["orientation_known"] is False and coded.meta["orientation_known"] is True
+    np.testing.assert_array_equal(plain.affine, coded.affine)
+    pictures = []
+    for volume, name in ((plain, "plain.png"), (coded, "coded.png")):
+        draw(volume, [Mask("blob", volume.data > 0)], tmp_path / name, title="same title")
+        assert png_size(tmp_path / name) == SIZE
+        with Image.open(tmp_path / name) as im:
+            pictures.append(np.asarray(im.convert("RGB")))
+    assert not np.array_equal(pictures[0], pictures[1])
+
+
 # --------------------------------------------------------------------------- grids
 
 

@@ -35,7 +35,10 @@ from promptseg.runtime import (
     segment,
     select_backend,
 )
-from promptseg.runtime.manifest import sha256_file
+from promptseg.runtime.engines import plan_precision
+from promptseg.runtime.manifest import IntegrityError, sha256_file
+from promptseg.runtime.orientation import volume_reorientation
+from promptseg.runtime.pipeline import LabelVotes, logit_cutoff
 
 CHAOS_1 = Path("chaos-mr-t2spir") / "image_1.nii.gz"
 
@@ -238,6 +241,35 @@ def test_tensorrt_backend_without_tensorrt_names_the_extra(folder: EngineFolder)
         pytest.skip("tensorrt is installed; see the trt-marked test")
 
 
+def test_plan_precision_comes_from_its_source_graph() -> None:
+    graphs = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+    assert plan_precision({"graphs": graphs, "tensorrt": {"source": "model.onnx"}}) == "fp32"
+    assert plan_precision({"graphs": graphs, "tensorrt": {"source": "model.fp16.onnx"}}) == "fp16"
+    with pytest.raises(ValueError, match="cannot tell the plan's precision"):
+        plan_precision({"graphs": graphs, "tensorrt": {"plan": "model.plan"}})
+
+
+def test_tensorrt_backend_checks_the_plan_precision(
+    folder: EngineFolder, engine_dir: Path, tmp_path: Path
+) -> None:
+    """A plan built without --fp16 comes from model.onnx: it is fp32, not fp16."""
+    path = _copy_engine(engine_dir, tmp_path)
+    (path / "model.plan").write_bytes(b"a plan built from model.onnx")
+    manifest = {**folder.manifest, "tensorrt": {"plan": "model.plan", "source": "model.onnx"}}
+    fp32_plan = EngineFolder(
+        path, manifest, folder.manifest_sha256, folder.inputs, folder.outputs, folder.preprocessing
+    )
+    with pytest.raises(
+        BackendError, match=r"plan is fp32 \(built from model\.onnx\) and --precision fp16"
+    ):
+        select_backend("tensorrt", fp32_plan, "fp16")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:  # fp32 is the plan's precision: accepted, then tensorrt is missing
+        with pytest.raises(ImportError, match=r"promptseg\[trt\]"):
+            select_backend("tensorrt", fp32_plan, "fp32")
+
+
 @pytest.mark.trt
 def test_tensorrt_engine_matches_onnxruntime(
     folder: EngineFolder, resolver: PromptResolver, chaos_volume: Volume
@@ -250,6 +282,7 @@ def test_tensorrt_engine_matches_onnxruntime(
     with TrtEngine(folder) as trt_engine, OrtEngine(folder) as ort_engine:
         a = trt_engine.infer({"image": images, "film": film})["logits"]
         b = ort_engine.infer({"image": images, "film": film})["logits"]
+        assert trt_engine.precision == plan_precision(folder.manifest)
     np.testing.assert_allclose(a, b, atol=5e-2)
 
 
@@ -267,8 +300,18 @@ def test_engine_folder_errors_name_the_file(engine_dir: Path, tmp_path: Path) ->
         byte = fh.read(1)
         fh.seek(100)
         fh.write(bytes([byte[0] ^ 0xFF]))
+    # Hashes are checked on first use: opening works, loading the graph does not.
+    opened = EngineFolder.open(tampered)
+    with pytest.raises(IntegrityError, match=r"model\.onnx: SHA-256 differs from manifest\.json"):
+        opened.graph("fp32")
     with pytest.raises(InputError, match=r"model\.onnx: SHA-256 differs from manifest\.json"):
-        EngineFolder.open(tampered)
+        OrtEngine(tampered, threads=1)
+    assert EngineFolder.open(tampered, verify_hashes=False).graph("fp32").is_file()
+    truncated = _copy_engine(engine_dir, tmp_path / "s")
+    encoder = truncated / "text_encoder.onnx"
+    encoder.write_bytes(encoder.read_bytes()[:-1])
+    with pytest.raises(IntegrityError, match=r"text_encoder\.onnx: size \d+ bytes differs"):
+        EngineFolder.open(truncated)
     with pytest.raises(InputError, match="engine folder not found"):
         EngineFolder.open(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
@@ -320,6 +363,20 @@ def test_prompt_cache_validates_shapes_and_metadata(engine_dir: Path, tmp_path: 
         InputError, match=f"film_dim {p} differs from the engine manifest's {p + 1}"
     ):
         PromptCache.load(bad, film_dim=p + 1)
+
+
+def test_text_encoder_hash_is_checked_only_for_a_prompt_outside_the_cache(
+    engine_dir: Path, tmp_path: Path
+) -> None:
+    engine = _copy_engine(engine_dir, tmp_path)
+    encoder = engine / "text_encoder.onnx"
+    data = bytearray(encoder.read_bytes())
+    data[-10] ^= 0xFF  # same size: only the hash can tell
+    encoder.write_bytes(bytes(data))
+    resolver = PromptResolver(engine, threads=1)
+    assert resolver.resolve("Segment the liver").how == "cache"  # the encoder is never read
+    with pytest.raises(IntegrityError, match=r"text_encoder\.onnx: SHA-256 differs"):
+        resolver.resolve("hepatic organ tissue")
 
 
 # --------------------------------------------------------------------------- prompt resolution
@@ -411,6 +468,9 @@ def test_orientation_round_trip_is_exact(ornt: np.ndarray) -> None:
     affine = las @ inv_ornt_aff(ornt, canonical.shape)
     reo = reorientation(affine, data.shape, "LAS")
     np.testing.assert_array_equal(reo.apply(data), canonical)
+    slices = reo.slices(data)  # (slices, rows, columns), one contiguous copy
+    assert slices.flags.c_contiguous and not np.shares_memory(slices, data)
+    np.testing.assert_array_equal(slices, canonical.transpose(2, 0, 1))
     np.testing.assert_allclose(reo.canonical_affine, las, atol=1e-9)
     assert "".join(aff2axcodes(reo.canonical_affine)) == "LAS"
     labels = (rng.random(canonical.shape) > 0.5).astype(np.uint8)
@@ -476,14 +536,17 @@ def test_segment_volume_label_map(
     prompts = ["liver", "spleen"]
     with OrtEngine(folder, threads=1) as engine:
         done: list[int] = []
-        # A threshold just below the tiny model's typical probability gives non-trivial masks.
+        # The lower of the two prompts' median probabilities gives non-trivial masks for both
+        # (the tiny model's liver probabilities are a little higher: its masks overlap).
         images = _slices(chaos_volume, folder, 8)
-        film = np.repeat(resolver.resolve("liver").film[None], 8, axis=0)
         from promptseg.preprocess import sigmoid
 
-        threshold = float(
-            np.median(sigmoid(engine.infer({"image": images, "film": film})["logits"]))
-        )
+        medians = []
+        for p in prompts:
+            film = np.repeat(resolver.resolve(p).film[None], 8, axis=0)
+            logits = engine.infer({"image": images, "film": film})["logits"]
+            medians.append(float(np.median(sigmoid(logits))))
+        threshold = min(medians)
         result = segment(
             chaos_volume,
             prompts,
@@ -503,6 +566,15 @@ def test_segment_volume_label_map(
             batch=16,
             threshold=threshold,
         )
+        spleen = segment(
+            chaos_volume,
+            ["spleen"],
+            engine,
+            resolver,
+            folder.preprocessing,
+            batch=16,
+            threshold=threshold,
+        )
     assert result.labels.shape == chaos_volume.data.shape and result.labels.dtype == np.uint8
     assert sum(done) == chaos_volume.data.shape[2]
     assert set(np.unique(result.labels)) <= {0, 1, 2}
@@ -510,9 +582,140 @@ def test_segment_volume_label_map(
     assert liver["label"] == 1 and liver["voxels"] == int((result.labels == 1).sum()) > 0
     assert liver["volume_ml"] == pytest.approx(liver["voxels"] * 1.25 * 1.25 * 7.7 / 1000, rel=1e-3)
     assert 0 < liver["slices_with_target"] <= chaos_volume.data.shape[2]
-    # Label 1 only where the single-prompt liver mask is set (spleen may win some of it).
-    assert not np.any((result.labels == 1) & (single.labels == 0))
+    # Each prompt keeps the largest component of its own mask (its single-prompt mask), and
+    # only then do the prompts compete: where one mask is on alone, its label is there.
+    liver_mask, spleen_mask = single.labels == 1, spleen.labels == 1
+    assert np.any(liver_mask & ~spleen_mask) and np.any(liver_mask & spleen_mask)
+    np.testing.assert_array_equal(result.labels > 0, liver_mask | spleen_mask)
+    assert np.all(result.labels[liver_mask & ~spleen_mask] == 1)
+    assert np.all(result.labels[spleen_mask & ~liver_mask] == 2)
     assert set(result.seconds) == {"preprocess", "infer", "postprocess"}
+
+
+def test_logit_cutoff_is_the_sigmoid_threshold_exactly() -> None:
+    from promptseg.preprocess import sigmoid
+
+    rng = np.random.default_rng(0)
+    for t in (0.5, 0.3, 0.9, 0.999, 1e-6, 0.123456):
+        c = logit_cutoff(t)
+        x = np.concatenate(
+            [
+                c + np.spacing(c) * np.arange(-2000, 2000, dtype=np.float32),  # adjacent floats
+                np.linspace(c - 1, c + 1, 100_001, dtype=np.float32),
+                rng.normal(0, 8, 100_000).astype(np.float32),
+            ]
+        ).astype(np.float32)
+        np.testing.assert_array_equal(x >= c, sigmoid(x) > t)
+        below = np.nextafter(c, np.float32(-np.inf))
+        assert sigmoid(np.array([c]))[0] > t and not sigmoid(np.array([below]))[0] > t
+    assert np.isnan(logit_cutoff(1 - 1e-9))  # rounds to 1.0 in float32: nothing exceeds it
+
+
+def _reference_labels(logits: np.ndarray, threshold: float, reduce: list[int]) -> np.ndarray:
+    """The rule spelled out on full arrays: sigmoid, threshold, reduce, most probable wins."""
+    from promptseg.postprocess import largest_component
+    from promptseg.preprocess import sigmoid
+
+    prob = sigmoid(logits)
+    on = prob > threshold
+    for k in reduce:
+        on[k - 1] = largest_component(on[k - 1])
+    out = np.zeros(logits.shape[1:], np.uint8)
+    best = np.zeros(logits.shape[1:], np.float32)
+    for k in range(len(logits)):
+        win = on[k] & (prob[k] > best)  # strictly greater: ties keep the lower label
+        out[win], best[win] = k + 1, prob[k][win]
+    return out
+
+
+def _votes(logits: np.ndarray, threshold: float, batch: int) -> LabelVotes:
+    votes = LabelVotes(logits.shape[1:], threshold)
+    for start in range(0, logits.shape[1], batch):
+        for k in range(len(logits)):
+            votes.add(start, k + 1, logits[k, start : start + batch])
+    return votes
+
+
+def test_label_votes_keep_an_organ_split_by_another_prompt() -> None:
+    """The spleen band cuts the liver bar in two: the liver keeps both sides, a stray blob goes."""
+    liver = np.full((4, 12, 12), -5.0, np.float32)
+    liver[:, 2:10, 1:11] = 3.0  # one connected bar
+    liver[0:2, 11, 11] = 3.0  # a stray blob, not touching the bar
+    spleen = np.full_like(liver, -5.0)
+    spleen[:, :, 4:7] = 6.0  # a band across the bar, more probable than the liver there
+    spleen[3, 11, 0:2] = 6.0  # a stray blob of its own
+    labels = _votes(np.stack([liver, spleen]), 0.5, batch=3).labels([1, 2])
+    assert np.all(labels[:, 2:10, 1:4] == 1) and np.all(labels[:, 2:10, 7:11] == 1)
+    assert np.all(labels[:, :, 4:7] == 2)
+    assert labels[0, 11, 11] == 0 and labels[3, 11, 0] == 0
+    # Without post-processing the blobs stay.
+    kept = _votes(np.stack([liver, spleen]), 0.5, batch=4).labels([])
+    assert kept[0, 11, 11] == 1 and kept[3, 11, 0] == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_votes_match_the_rule_on_full_arrays(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 5))
+    logits = rng.normal(0, 2, (k, 7, 9, 11)).astype(np.float32)
+    logits[:, :, :3] = 20.0  # saturated: equal probabilities, the lower label wins
+    if k > 1:
+        logits[-1, 3] = logits[0, 3]  # exactly equal logits on a whole slice
+    threshold = float(rng.uniform(0.2, 0.8))
+    reduce = [i for i in range(1, k + 1) if rng.random() < 0.6]
+    got = _votes(logits, threshold, batch=int(rng.integers(1, 5))).labels(reduce)
+    np.testing.assert_array_equal(got, _reference_labels(logits, threshold, reduce))
+
+
+def test_engine_resolution_mismatch_is_an_input_error(
+    folder: EngineFolder, resolver: PromptResolver, chaos_volume: Volume
+) -> None:
+    import re
+    from dataclasses import replace
+
+    wrong = replace(folder.preprocessing, resolution=folder.resolution * 2)
+    with (
+        OrtEngine(folder, threads=1) as engine,
+        pytest.raises(
+            InputError,
+            match=re.escape(str(folder.path)) + ": engine image input .* does not match",
+        ),
+    ):
+        segment(chaos_volume, ["liver"], engine, resolver, wrong)
+
+
+def test_volume_reorientation_says_when_the_orientation_is_unknown(tmp_path: Path) -> None:
+    data = np.zeros((4, 3, 2), np.float32)
+    rps = np.diag([1.0, -1.0, 2.0, 1.0])
+    reo, warning = volume_reorientation(Volume(data, rps, (1, 1, 2), "a", "nifti"), "LAS")
+    assert warning is None and reo.input_axcodes == "RPS"
+    reo, warning = volume_reorientation(Volume(data, rps, (1, 1, 2), "b.mrc", "mrc"), "LAS")
+    assert reo.input_axcodes == "unknown" and "stores no patient orientation" in warning
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, None), str(tmp_path / "no_orientation.nii"))  # codes 0
+    volume = read_volume(tmp_path / "no_orientation.nii")
+    reo, warning = volume_reorientation(volume, "RAS")
+    assert reo.input_axcodes == "unknown" and "assumed RAS" in warning
+    np.testing.assert_array_equal(reo.slices(volume.data), volume.data.transpose(2, 0, 1))
+
+
+def test_segment_warns_about_a_missing_voxel_size(
+    folder: EngineFolder, resolver: PromptResolver
+) -> None:
+    rng = np.random.default_rng(0)
+    mrc = Volume(
+        rng.normal(0, 1, (20, 20, 3)).astype(np.float32),
+        np.eye(4),
+        (1.0, 1.0, 1.0),
+        "x.mrc",
+        "mrc",
+        {"voxel_size_missing": True, "orientation_known": False},
+    )
+    with OrtEngine(folder, threads=1) as engine:
+        result = segment(mrc, ["liver"], engine, resolver, folder.preprocessing)
+    assert any("no patient orientation" in w for w in result.warnings)
+    assert any("volume_ml assumes 1 mm voxels" in w for w in result.warnings)
 
 
 def test_segment_constant_volume_warns(folder: EngineFolder, resolver: PromptResolver) -> None:

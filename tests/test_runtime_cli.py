@@ -47,11 +47,14 @@ def _command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "promptseg.runtime.cli"]
 
 
-def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_cli(
+    *args: object, cwd: Path | None = None, env: dict[str, str] | None = None, threads: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``promptseg-run`` (with ``--threads 1`` unless ``threads`` is False)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("PROMPTSEG_DEBUG", None)
     return subprocess.run(
-        [*_command(), *map(str, args), "--threads", "1"],
+        [*_command(), *map(str, args), *(["--threads", "1"] if threads else [])],
         capture_output=True,
         text=True,
         timeout=600,
@@ -410,6 +413,7 @@ def test_mrc_volume_is_ct_and_used_as_it_is(
     )
     _ok(proc)
     assert "stores no patient orientation" in proc.stderr
+    assert "stores no voxel size; volume_ml assumes 1 mm voxels" in proc.stderr
     assert nib.load(str(out)).shape == read_volume(src).data.shape
     result = json.loads((tmp_path / "l.json").read_text())["results"][0]
     assert (
@@ -417,6 +421,80 @@ def test_mrc_volume_is_ct_and_used_as_it_is(
         and result["modality"] == "ct"
         and result["orientation"] == "unknown"
     )
+    assert any("volume_ml assumes 1 mm voxels" in w for w in result["warnings"])
+
+
+def test_nifti_without_orientation_codes_is_used_as_it_is(
+    engine_dir: Path, chaos_image: Path, tmp_path: Path
+) -> None:
+    data = np.asarray(nib.load(str(chaos_image)).dataobj, dtype=np.float32)[:, :, 10:14]
+    src = tmp_path / "plain.nii.gz"
+    nib.save(nib.Nifti1Image(data, None), str(src))  # qform_code = sform_code = 0
+    proc = run_cli(
+        src, "--prompt", "liver", "--engine", engine_dir, "--json", tmp_path / "s.json", "--quiet"
+    )
+    _ok(proc)
+    assert "stores no patient orientation; used as it is (assumed LAS" in proc.stderr
+    result = json.loads((tmp_path / "s.json").read_text())["results"][0]
+    assert result["orientation"] == "unknown"
+    assert nib.load(str(tmp_path / "plain_mask.nii.gz")).shape == data.shape
+
+
+def test_reader_notes_are_recorded_whatever_the_warning_filters(
+    engine_dir: Path, chaos_image: Path, tmp_path: Path
+) -> None:
+    from promptseg.data.dicom_writer import write_dicom_series
+
+    data = np.asarray(nib.load(str(chaos_image)).dataobj, dtype=np.float32)[:64, :64, 10:16]
+    files = write_dicom_series(data, tmp_path / "gap", spacing=(1.5, 1.5, 4.0))
+    files[2].unlink()  # a missing slice: uneven spacing, which the reader notes as a warning
+    for mode in ("error", "ignore"):
+        summary = tmp_path / f"{mode}.json"
+        proc = run_cli(
+            tmp_path / "gap",
+            "--prompt",
+            "liver",
+            "-o",
+            tmp_path / f"{mode}.nii.gz",
+            "--engine",
+            engine_dir,
+            "--json",
+            summary,
+            "--quiet",
+            env={"PYTHONWARNINGS": mode},
+        )
+        _ok(proc)
+        notes = json.loads(summary.read_text())["results"][0]["warnings"]
+        assert any("slice spacing is not uniform" in n for n in notes), (mode, notes)
+        assert "slice spacing is not uniform" in proc.stderr
+
+
+def test_threads_must_be_a_positive_integer(
+    engine_dir: Path, chaos_image: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.nii.gz"
+    for value in ("0", "-2", "two"):
+        proc = run_cli(
+            chaos_image, "--prompt", "liver", "-o", out, "--engine", engine_dir,
+            "--threads", value, threads=False,
+        )  # fmt: skip
+        assert proc.returncode == 2, (value, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--threads: must be a positive integer" in lines[0], lines
+        assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_text_encoder_is_hashed_only_when_a_prompt_needs_it(
+    engine_dir: Path, chaos_image: Path, tmp_path: Path
+) -> None:
+    encoder = bytearray((engine_dir / "text_encoder.onnx").read_bytes())
+    encoder[-10] ^= 0xFF  # same size: only the SHA-256 can tell
+    engine = _engine_variant(
+        engine_dir, tmp_path / "engine", {"text_encoder.onnx": bytes(encoder)}, rehash=False
+    )
+    out = tmp_path / "liver.nii.gz"
+    _ok(run_cli(chaos_image, "--prompt", "liver", "-o", out, "--engine", engine, "--quiet"))
+    assert out.is_file()  # every prompt came from the cache: the encoder was never read
 
 
 def test_constant_volume_warns_and_writes_an_empty_mask(engine_dir: Path, tmp_path: Path) -> None:
@@ -466,12 +544,12 @@ def test_runtime_runs_with_torch_blocked(
     out = tmp_path / "blocked.nii.gz"
     code = (
         "import sys\n"
-        "for name in ('torch', 'transformers', 'scipy', 'tensorrt'):\n"
+        "for name in ('torch', 'transformers', 'tensorrt'):\n"
         "    sys.modules[name] = None\n"
         "from promptseg.runtime.cli import main\n"
         f"rc = main([{str(chaos_image)!r}, '--prompt', 'liver', '--prompt', 'hepatic organ tissue',"
         f" '-o', {str(out)!r}, '--engine', {str(engine_dir)!r}, '--quiet', '--threads', '1'])\n"
-        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'scipy')"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
         " and sys.modules[m] is not None)\n"
         "assert not leaked, leaked\n"
         "sys.exit(rc)\n"
@@ -575,6 +653,27 @@ def _bad_cases(tmp: Path, chaos_image: Path, engine_dir: Path, png: Path) -> dic
         [chaos_image, "--engine", tampered],
         "model.onnx: SHA-256 differs from manifest.json",
     )
+    encoder = bytearray((engine_dir / "text_encoder.onnx").read_bytes())
+    encoder[-10] ^= 0xFF
+    bad_encoder = _engine_variant(
+        engine_dir, tmp / "engine-encoder", {"text_encoder.onnx": bytes(encoder)}, rehash=False
+    )
+    cases["engine-encoder-hash-mismatch"] = (  # hashed on first use: a prompt outside the cache
+        [chaos_image, "--engine", bad_encoder, "--prompt", "hepatic organ tissue"],
+        "text_encoder.onnx: SHA-256 differs from manifest.json",
+    )
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    manifest["preprocessing"]["resolution"] = 2 * int(manifest["resolution"])
+    wrong_resolution = _engine_variant(
+        engine_dir,
+        tmp / "engine-resolution",
+        {"manifest.json": json.dumps(manifest).encode()},
+        rehash=False,
+    )
+    cases["engine-resolution-mismatch"] = (
+        [chaos_image, "--engine", wrong_resolution],
+        "engine-resolution: engine image input image float32",
+    )
     cache = (engine_dir / "prompt_cache.safetensors").read_bytes()
     corrupt = _engine_variant(
         engine_dir, tmp / "engine-cache", {"prompt_cache.safetensors": cache[:300]}, rehash=True
@@ -608,6 +707,8 @@ BAD_CASES = [
     "unknown-backend",
     "engine-missing-file",
     "engine-hash-mismatch",
+    "engine-encoder-hash-mismatch",
+    "engine-resolution-mismatch",
     "corrupted-prompt-cache",
     "empty-prompt",
     "far-prompt",

@@ -244,7 +244,9 @@ def read_nifti(path: PathLike, volume_index: int | None = None) -> Volume:
         volume_index: Volume to take from a 4-D file whose 4th axis is longer than 1.
 
     Returns:
-        Volume with float32 data (X, Y, Z) and nibabel's voxel -> RAS+ affine.
+        Volume with float32 data (X, Y, Z) and nibabel's voxel -> RAS+ affine;
+        ``meta["orientation_known"]`` is False when the header's qform_code and sform_code are
+        both 0 (no patient orientation stored; nibabel's affine only scales by the voxel size).
 
     Raises:
         InputError: Missing, empty, truncated or non-NIfTI file; not 3-D; NaN/Inf voxels.
@@ -263,8 +265,14 @@ def read_nifti(path: PathLike, volume_index: int | None = None) -> Volume:
         "orig_dtype": str(img.get_data_dtype()),
         "axcodes": "".join(nib.aff2axcodes(affine)),
         "volume_index": volume_index,
+        "orientation_known": _nifti_orientation_known(img.header),
     }
     return Volume(data, affine, _spacing_from_affine(affine), str(path), "nifti", meta)
+
+
+def _nifti_orientation_known(header: Any) -> bool:
+    """False when qform_code and sform_code are both 0 (nibabel's affine is then a guess)."""
+    return int(header["qform_code"]) != 0 or int(header["sform_code"]) != 0
 
 
 # --------------------------------------------------------------------------- DICOM
