@@ -312,7 +312,7 @@ def open_backends(folder: Any, checkpoint: Path | None, why_no_ckpt: str, thread
     """Every backend of the folder that can run here (the rest listed as skipped, with why)."""
     import onnxruntime as ort
 
-    from promptseg.runtime.engines import OrtEngine, TorchEngine, TrtEngine
+    from promptseg.runtime.engines import OrtEngine, TorchEngine, TrtEngine, plan_precision
 
     backends: list[Backend] = []
     torch = _torch()
@@ -347,7 +347,13 @@ def open_backends(folder: Any, checkpoint: Path | None, why_no_ckpt: str, thread
         backends.append(Backend("tensorrt-fp16", "cuda", "fp16", status="skipped",
                                 reason="the engine folder has no model.plan"))  # fmt: skip
     else:
-        _try(backends, "tensorrt-fp16", "cuda", "fp16", lambda: TrtEngine(folder), _trt_compute)
+        try:
+            plan = plan_precision(folder.manifest)  # the plan is as precise as its source graph
+        except ValueError as exc:
+            backends.append(Backend("tensorrt", "cuda", "unknown", status="error", reason=str(exc)))
+        else:
+            _try(backends, f"tensorrt-{plan}", "cuda", plan, lambda: TrtEngine(folder),
+                 _trt_compute)  # fmt: skip
     backends.append(Backend("tensorrt-int8", "cuda", "int8", status="skipped",
                             reason=TRT_INT8_REASON))  # fmt: skip
     return backends
@@ -664,7 +670,8 @@ def run_benchmark(
             wanted = [("ort-cpu", "fp32")]
             ok = {r["name"] for r in rows if r["status"] == "ok"}
             wanted += [("ort-cuda", None)] if any(n.startswith("ort-cuda") for n in ok) else []
-            wanted += [("tensorrt", "fp16")] if "tensorrt-fp16" in ok else []
+            trt = [n for n in ok if n.startswith("tensorrt-")]
+            wanted += [("tensorrt", trt[0].removeprefix("tensorrt-"))] if trt else []
             for backend, precision in wanted:
                 log(f"timing whole volume with {backend} ...")
                 volumes.append(measure_volume(folder.path, vol, backend, precision, threads,
