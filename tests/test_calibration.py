@@ -220,13 +220,7 @@ def test_export_int8_runs_quantize_int8(engine_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="not finished: the model this test fits in a few steps does not always reach the "
-    "Dice floor it checks first (0.03 seen against 0.1); INT8 accuracy is tracked in the "
-    "deployment issue's closing note",
-)
-def test_quantize_int8_writes_a_symmetric_qdq_graph_close_to_fp32(engine_dir, data_root, tmp_path):
+def test_quantize_int8_writes_a_symmetric_qdq_graph(engine_dir, data_root, tmp_path):
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -252,28 +246,61 @@ def test_quantize_int8_writes_a_symmetric_qdq_graph_close_to_fp32(engine_dir, da
         zp = numpy_helper.to_array(inits[name])
         # Activations and weights are int8; biases are int32 (scale = input x weight scale).
         assert zp.dtype in (np.int8, np.int32) and not zp.any(), f"{name} is not symmetric"
-    # ORT runs the Q/DQ graph; its masks agree with FP32 on real validation slices.
-    fp32 = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    int8 = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    feeds, truths = _val_feeds(engine_dir, data_root)
+    # ORT runs the Q/DQ graph on real slices (accuracy: the shipped-model test below).
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds, _ = _val_feeds(engine_dir, data_root, n=4)
+    logits = [session.run(None, feed)[0] for feed in feeds]
+    assert all(x.shape == (1, 1, 32, 32) and np.isfinite(x).all() for x in logits)
+
+
+# Floors for the shipped model without the float fallback (percentile calibration, first/last
+# convolutions float): mean mask Dice INT8 vs FP32 0.993 on this test's slices; truth-Dice
+# changes under 0.01 on the validation split (README, "Accuracy parity"). A saturating INT8
+# kernel (AVX2 without 7-bit weights) wipes whole targets and falls far below both.
+INT8_AGREEMENT = 0.95
+INT8_DICE_DROP = 0.02
+
+
+@pytest.mark.slow
+def test_int8_graph_of_the_shipped_model_stays_close_to_fp32(data_root, tmp_path):
+    """Real model, real train-split calibration, real validation slices (brain and BTCV)."""
+    import onnxruntime as ort
+
+    from promptseg.calibration import build_calibration_set, quantize_int8
+    from promptseg.calibration.data import film_for, read_prompt_cache
+    from promptseg.preprocess import normalize, resize_bilinear
+    from promptseg.runtime.manifest import DEFAULT_ENGINE_DIR, EngineFolder
+
+    folder = EngineFolder.open(DEFAULT_ENGINE_DIR)
+    calib = build_calibration_set(data_root, DEFAULT_ENGINE_DIR, n=64, seed=0)
+    out = tmp_path / "model.int8.onnx"
+    report = quantize_int8(DEFAULT_ENGINE_DIR / "model.onnx", out, calib, threads=2)
+    assert report["method"] == "percentile" and report["float_fallback"] is None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    fp32, int8 = (
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        for p in (DEFAULT_ENGINE_DIR / "model.onnx", out)
+    )
+    cache, r = read_prompt_cache(DEFAULT_ENGINE_DIR), folder.resolution
     agree, d32, d8 = [], [], []
-    for feed, truth in zip(feeds, truths):
-        a = fp32.run(None, feed)[0][0, 0] > 0
-        b = int8.run(None, feed)[0][0, 0] > 0
-        if a.any():
-            agree.append(_dice(a, b))
-        d32.append(_dice(a, truth))
-        d8.append(_dice(b, truth))
-    assert len(agree) >= len(feeds) // 2, "the fitted FP32 model should segment most organs"
-    assert np.mean(d32) > 0.1, f"fitted FP32 model Dice {np.mean(d32):.3f}"
+    for kind in ("brain-tumor", "btcv-ct"):
+        cases = list(load_cases(kind, data_root / DATASET_FOLDERS[kind], "val"))[::4][:12]
+        for case in cases:
+            image = normalize(case.image, case.modality, folder.preprocessing)
+            image = resize_bilinear(image, (r, r))[:, None].astype(np.float32)
+            for target, mask in case.masks.items():
+                if not mask.any():
+                    continue
+                truth = resize_bilinear(mask[0].astype(np.float32), (r, r)) > 0.5
+                feed = {"image": image, "film": film_for(cache, f"Segment the {target}")[None]}
+                a, b = (s.run(None, feed)[0][0, 0] > 0 for s in (fp32, int8))
+                agree.append(_dice(a, b))
+                d32.append(_dice(a, truth))
+                d8.append(_dice(b, truth))
+    assert len(d32) >= 20 and np.mean(d32) > 0.5, f"FP32 Dice {np.mean(d32):.3f} on {len(d32)}"
     assert np.mean(agree) >= INT8_AGREEMENT, f"INT8 vs FP32 mask Dice {np.mean(agree):.3f}"
-    assert abs(np.mean(d8) - np.mean(d32)) <= INT8_DICE_DROP
-
-
-# Measured on this fixture: mask Dice INT8 vs FP32 0.92 (minmax) with the default "conv" op
-# set, truth-Dice change 0.002; quantising every op ("all") drops agreement to about 0.5.
-INT8_AGREEMENT = 0.85
-INT8_DICE_DROP = 0.05
+    assert abs(np.mean(d8) - np.mean(d32)) <= INT8_DICE_DROP, (np.mean(d8), np.mean(d32))
 
 
 # Small proxy for the fallback tests: 3 brain slices per class, 1 CHAOS volume, 6 BTCV slices.
