@@ -210,6 +210,16 @@ def test_committed_splits_equal_make_splits(data_root, splits):
     assert make_splits(data_root) == splits  # deterministic
 
 
+def test_packaged_splits_file_names_nothing_of_btcv_or_lits():
+    """Licence: the BTCV/LiTS splits are rules in code (RULE_SPLITS), not shipped data."""
+    from promptseg.data.datasets import RULE_SPLITS, SPLITS_FILE
+
+    pinned = json.loads(SPLITS_FILE.read_text())
+    assert set(pinned) == {"brain-tumor", "chaos-mr"}
+    assert "btcv" not in SPLITS_FILE.read_text() and "lits" not in SPLITS_FILE.read_text()
+    assert {k: load_splits()[k] for k in RULE_SPLITS} == RULE_SPLITS
+
+
 @pytest.mark.parametrize("kind", ["brain-tumor", "chaos-mr", "btcv-ct"])
 def test_split_train_val_disjoint_and_complete(roots, splits, kind):
     train, val = set(splits[kind]["train"]), set(splits[kind]["val"])

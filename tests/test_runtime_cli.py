@@ -787,11 +787,9 @@ def test_default_engine_brain_dice(
 ) -> None:
     from PIL import Image
 
-    val = set(
-        json.loads(
-            (Path(__file__).resolve().parents[1] / "promptseg" / "data" / "splits.json").read_text()
-        )["brain-tumor"]["val"]
-    )
+    from promptseg.data.datasets import load_splits
+
+    val = set(load_splits()["brain-tumor"]["val"])
     with open(data_root / BRAIN / "labels.csv", newline="") as fh:
         rows = [
             r

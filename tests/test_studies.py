@@ -219,7 +219,7 @@ def test_stale_reasons_compare_fingerprints_and_the_legacy_device():
     assert runner.stale_reasons({"fingerprint": fp}, fp) == []
     assert runner.stale_reasons({"fingerprint": fp}, _fingerprint("cuda")) == ["device cpu -> cuda"]
     moved = runner.stale_reasons({"fingerprint": fp}, _fingerprint(splits="b" * 64))
-    assert len(moved) == 1 and moved[0].startswith("splits.json aaaa")
+    assert len(moved) == 1 and moved[0].startswith("splits aaaa")
     # Results from before fingerprints: reused, unless the (implied CPU) device differs.
     assert runner.stale_reasons({}, fp) == []
     assert runner.stale_reasons({}, _fingerprint("cuda")) == ["device cpu -> cuda"]
@@ -459,7 +459,7 @@ def test_tiny_study_end_to_end_on_real_brain_slices(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "0 to run" in proc.stdout
     assert (out / "summary.csv").read_text() == before
-    assert "Splits (promptseg/data/splits.json sha256) recorded by the runs" in report
+    assert "Splits (sha256 of datasets.load_splits()) recorded by the runs" in report
     # A result recorded under other splits is trained again; the others are reused.
     run_file = sorted((tmp_path / "cache" / "runs").glob("*.json"))[0]
     result = json.loads(run_file.read_text())
@@ -469,5 +469,5 @@ def test_tiny_study_end_to_end_on_real_brain_slices(tmp_path):
     run_file.write_text(json.dumps(result))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "1 to run" in proc.stdout, proc.stdout + proc.stderr[-2000:]
-    assert "splits.json 000000000000 ->" in proc.stdout
+    assert "splits 000000000000 ->" in proc.stdout
     assert json.loads(run_file.read_text())["fingerprint"]["splits_sha256"] != "0" * 64

@@ -12,6 +12,7 @@ Dataset kinds: ``brain-tumor``, ``chaos-mr``, ``btcv-ct``, ``lits-ct``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -36,7 +37,13 @@ BTCV_ORGANS = {
     "kidney_left": "left kidney",
     "kidney_right": "right kidney",
 }
+# Split of the datasets whose ids must be listed (brain tumour file numbers, CHAOS patients):
+# written by make_splits, pinned in the package. BTCV and LiTS splits are rules, kept here.
 SPLITS_FILE = Path(__file__).with_name("splits.json")
+RULE_SPLITS = {
+    "btcv-ct": {"train": [1, 5, 7], "val": [15]},  # volume 15 held out
+    "lits-ct": {"train": {"slices": [0, 88]}, "val": {"slices": [96, 128]}},  # 8-slice gap
+}
 
 
 @dataclass
@@ -242,7 +249,7 @@ def load_lits(
 
 
 def make_splits(data_root: Path) -> dict:
-    """Deterministic leakage-free train/val splits (the content of ``splits.json``).
+    """Deterministic leakage-free train/val splits (``splits.json`` plus :data:`RULE_SPLITS`).
 
     brain-tumor: file numbers sorted and cut into 20 contiguous blocks; blocks 3, 8, 13, 18
     are validation (neighbouring numbers share patients). chaos-mr: patients 1, 19, 36 are
@@ -258,14 +265,20 @@ def make_splits(data_root: Path) -> dict:
             "train": [p for p in chaos_ids(data_root / "chaos-mr-t2spir") if p not in (1, 19, 36)],
             "val": [1, 19, 36],
         },
-        "btcv-ct": {"train": [1, 5, 7], "val": [15]},
-        "lits-ct": {"train": {"slices": [0, 88]}, "val": {"slices": [96, 128]}},
+        **RULE_SPLITS,
     }
 
 
 def load_splits() -> dict:
+    """Every dataset's split: the pinned id lists of ``splits.json`` and :data:`RULE_SPLITS`."""
     with open(SPLITS_FILE) as fh:
-        return json.load(fh)
+        return {**json.load(fh), **json.loads(json.dumps(RULE_SPLITS))}
+
+
+def splits_sha256() -> str:
+    """SHA-256 of the whole split definition (canonical JSON of :func:`load_splits`)."""
+    blob = json.dumps(load_splits(), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 DATASET_FOLDERS = {

@@ -408,12 +408,12 @@ def _provenance_lines(prov: dict) -> list[str]:
     if not n:
         return ["## Provenance", "", "No finished runs.", ""]
     if len(splits) == 1:
-        items = [f"Splits (promptseg/data/splits.json sha256) recorded by the runs: {splits[0]}."]
+        items = [f"Splits (sha256 of datasets.load_splits()) recorded by the runs: {splits[0]}."]
     elif not splits:
-        items = ["No run records its splits.json hash (all predate run fingerprints)."]
+        items = ["No run records its splits hash (all predate run fingerprints)."]
     else:
         items = [
-            f"**The runs disagree on the splits**: {len(splits)} different splits.json hashes "
+            f"**The runs disagree on the splits**: {len(splits)} different splits hashes "
             f"recorded ({', '.join(h[:12] for h in splits)}); see study.json."
         ]
     for key, what in (("encoders", "text encoder"), ("preprocessing", "preprocessing")):

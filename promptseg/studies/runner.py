@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptseg.data.datasets import SPLITS_FILE
+from promptseg.data.datasets import splits_sha256
 from promptseg.data.readers import _atomic_write
 from promptseg.studies.spec import METRICS, RunSpec
 
@@ -66,10 +66,6 @@ def _atomic_json(path: Path, obj: dict) -> None:
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def splits_sha256() -> str:
-    return hashlib.sha256(SPLITS_FILE.read_bytes()).hexdigest()
-
-
 def preprocessing(resolution: int) -> dict:
     """The preprocessing a bank at ``resolution`` is built with (JSON types)."""
     from promptseg.preprocess import Preprocessing
@@ -105,7 +101,7 @@ def _difference(key: str, old: object, new: object) -> str:
     if key == "device":
         return f"device {old} -> {new}"
     if key == "splits_sha256":
-        return f"splits.json {str(old)[:12]} -> {str(new)[:12]}"
+        return f"splits {str(old)[:12]} -> {str(new)[:12]}"
     if key == "encoder" and isinstance(old, dict) and isinstance(new, dict):
         return "text encoder " + ", ".join(
             f"{k} {str(old.get(k))[:12]} -> {str(new.get(k))[:12]}"
