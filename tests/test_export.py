@@ -733,15 +733,21 @@ def test_default_engine_targets_the_runtime_package():
 # ----------------------------------------------------------------------------- TensorRT
 
 
-@pytest.mark.trt
-@pytest.mark.slow
-def test_tensorrt_plan_from_fp16_graph(exported, tmp_path, loaded):
+@pytest.fixture
+def build_engine():
+    """The export's TensorRT plan builder; skips where TensorRT does not import."""
     try:
         import tensorrt  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"tensorrt does not import here ({type(exc).__name__}): no engine build")
     from promptseg.export.tensorrt_build import build_engine
 
+    return build_engine
+
+
+@pytest.mark.trt
+@pytest.mark.slow
+def test_tensorrt_plan_from_fp16_graph(exported, tmp_path, loaded, build_engine):
     r, p = loaded.config.resolution, loaded.model.unet.film_dim
     info = build_engine(
         exported["out"] / "model.fp16.onnx",
@@ -761,13 +767,7 @@ def test_tensorrt_plan_from_fp16_graph(exported, tmp_path, loaded):
 
 @pytest.mark.trt
 @pytest.mark.slow
-def test_tensorrt_replaces_a_rejected_timing_cache(exported, tmp_path, loaded):
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"tensorrt does not import here ({type(exc).__name__}): no engine build")
-    from promptseg.export.tensorrt_build import build_engine
-
+def test_tensorrt_replaces_a_rejected_timing_cache(exported, tmp_path, loaded, build_engine):
     cache = tmp_path / "timing.cache"
     foreign = b"not a timing cache of this TensorRT" * 64
     cache.write_bytes(foreign)
