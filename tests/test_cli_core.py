@@ -5,45 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_run import nonblank_lines, run_promptseg
 
 from promptseg.model.unet import UNet, count_parameters, preset_config
-
-
-def _promptseg() -> list[str]:
-    """The installed console script (next to this interpreter), else ``python -m``."""
-    script = Path(sys.executable).with_name("promptseg")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("promptseg")
-    return [found] if found else [sys.executable, "-m", "promptseg.cli"]
-
-
-def _run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*_promptseg(), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=env,
-    )
-
-
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
 
 
 def test_info_prints_both_presets_with_parameter_counts():
     # Counts FLOPs with a real forward pass of the paper preset at 256 px: seconds on an idle
     # core, much longer on a shared machine, hence the generous limit.
-    result = _run("info", timeout=1800)
+    result = run_promptseg("info", timeout=1800)
     assert result.returncode == 0, result.stderr
     for name in ("small", "paper"):
         millions = count_parameters(UNet(preset_config(name))) / 1e6
@@ -57,7 +32,7 @@ def test_info_prints_both_presets_with_parameter_counts():
 
 
 def test_info_selected_preset():
-    result = _run("info", "--presets", "tiny")
+    result = run_promptseg("info", "--presets", "tiny")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tiny")
@@ -65,9 +40,9 @@ def test_info_selected_preset():
 
 
 def test_train_bad_dataset_name_on_the_command_line(tmp_path):
-    result = _run("train", "--datasets", "chaos-ct", "--out", str(tmp_path / "run"))
+    result = run_promptseg("train", "--datasets", "chaos-ct", "--out", str(tmp_path / "run"))
     assert result.returncode != 0
-    errors = [ln for ln in _error_lines(result.stderr) if "error:" in ln]
+    errors = [ln for ln in nonblank_lines(result.stderr) if "error:" in ln]
     assert len(errors) == 1
     assert "invalid choice: 'chaos-ct'" in errors[0]
     assert not (tmp_path / "run").exists()  # failed before any work
@@ -76,9 +51,9 @@ def test_train_bad_dataset_name_on_the_command_line(tmp_path):
 def test_train_bad_dataset_name_in_a_config_file(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"datasets": ["brain-tumour"], "out": str(tmp_path / "run")}))
-    result = _run("train", "--config", str(config))
+    result = run_promptseg("train", "--config", str(config))
     assert result.returncode == 2
-    lines = _error_lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("promptseg train: error:")
     assert "brain-tumour" in lines[0] and "brain-tumor" in lines[0]
@@ -95,9 +70,9 @@ def test_train_bad_dataset_name_in_a_config_file(tmp_path):
 def test_train_config_unknown_key(tmp_path, name, text):
     config = tmp_path / name
     config.write_text(text)
-    result = _run("train", "--config", str(config))
+    result = run_promptseg("train", "--config", str(config))
     assert result.returncode == 2
-    lines = _error_lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert str(config) in lines[0]
     assert "learning_rate" in lines[0]
@@ -105,14 +80,14 @@ def test_train_config_unknown_key(tmp_path, name, text):
 
 def test_train_missing_config_file(tmp_path):
     missing = tmp_path / "absent.json"
-    result = _run("train", "--config", str(missing))
+    result = run_promptseg("train", "--config", str(missing))
     assert result.returncode == 2
-    lines = _error_lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1 and str(missing) in lines[0]
 
 
 def test_no_subcommand_is_a_usage_error():
-    result = _run()
+    result = run_promptseg()
     assert result.returncode == 2
     assert "usage: promptseg" in result.stderr
 
@@ -128,9 +103,9 @@ def test_no_subcommand_is_a_usage_error():
 def test_train_malformed_config_names_the_file(tmp_path, name, text):
     config = tmp_path / name
     config.write_text(text)
-    result = _run("train", "--config", str(config))
+    result = run_promptseg("train", "--config", str(config))
     assert result.returncode == 2
-    lines = _error_lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1 and str(config) in lines[0], result.stderr
 
 
@@ -169,15 +144,15 @@ print("no torch")
 
 def test_study_help_shows_the_real_study_options():
     """The study parser is only built for ``study``, but it is the real one."""
-    result = _run("study", "--help")
+    result = run_promptseg("study", "--help")
     assert result.returncode == 0, result.stderr
     for option in ("--workers", "--cache", "--device", "{run,report}"):
         assert option in result.stdout
-    listing = _run("--help")
+    listing = run_promptseg("--help")
     assert re.search(r"^\s+study\s+\S", listing.stdout, re.M), listing.stdout
-    missing = _run("study", "run")
+    missing = run_promptseg("study", "run")
     assert missing.returncode == 2
-    lines = _error_lines(missing.stderr)
+    lines = nonblank_lines(missing.stderr)
     assert len(lines) == 1 and "configs" in lines[0], missing.stderr
 
 
@@ -198,7 +173,7 @@ def test_study_stand_in_help_matches_the_study_parser():
 
 def _one_line_exit_2(result: subprocess.CompletedProcess, *expected: str) -> str:
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    lines = _error_lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     for text in expected:
@@ -217,7 +192,7 @@ def _command(name: str, out: Path, data_root: Path) -> list[str]:
 @pytest.mark.parametrize("threads", ["0", "-2", "two"])
 def test_bad_threads_is_a_one_line_error(tmp_path, data_root, command, threads):
     out = tmp_path / "out"
-    result = _run(*_command(command, out, data_root), "--threads", threads)
+    result = run_promptseg(*_command(command, out, data_root), "--threads", threads)
     line = _one_line_exit_2(result, f"promptseg {command}: error:", "--threads", repr(threads))
     assert "integer >= 1" in line
     assert not out.exists()
@@ -226,7 +201,7 @@ def test_bad_threads_is_a_one_line_error(tmp_path, data_root, command, threads):
 @pytest.mark.parametrize("command", ["grids", "robustness"])
 def test_negative_max_cases_is_a_one_line_error(tmp_path, data_root, command):
     out = tmp_path / "out"
-    result = _run(*_command(command, out, data_root), "--max-cases", "-1")
+    result = run_promptseg(*_command(command, out, data_root), "--max-cases", "-1")
     _one_line_exit_2(result, "--max-cases", "integer >= 0", "'-1'")
     assert not out.exists()
 
@@ -234,7 +209,7 @@ def test_negative_max_cases_is_a_one_line_error(tmp_path, data_root, command):
 def test_grids_missing_checkpoint_creates_nothing(tmp_path, data_root):
     out = tmp_path / "grids"
     missing = tmp_path / "missing.pt"
-    result = _run("grids", str(missing), "--data-root", str(data_root), "--out", str(out))
+    result = run_promptseg("grids", str(missing), "--data-root", str(data_root), "--out", str(out))
     _one_line_exit_2(result, "promptseg grids: error:", str(missing), "checkpoint not found")
     assert not out.exists()
 
@@ -243,7 +218,7 @@ def test_grids_unreadable_checkpoint_creates_nothing(tmp_path, data_root):
     out = tmp_path / "grids"
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    result = _run("grids", str(bad), "--data-root", str(data_root), "--out", str(out))
+    result = run_promptseg("grids", str(bad), "--data-root", str(data_root), "--out", str(out))
     _one_line_exit_2(result, "promptseg grids: error:", str(bad))
     assert not out.exists()
 
@@ -251,7 +226,7 @@ def test_grids_unreadable_checkpoint_creates_nothing(tmp_path, data_root):
 def test_evaluate_missing_data_folder_creates_nothing(tmp_path):
     out = tmp_path / "eval"
     missing = tmp_path / "no-such-data"
-    result = _run(
+    result = run_promptseg(
         "evaluate", "default", "--data", str(missing), "--dataset", "chaos-mr", "--out", str(out)
     )
     _one_line_exit_2(result, "promptseg evaluate: error:", str(missing), "not found")
@@ -272,7 +247,7 @@ def test_evaluate_missing_data_folder_creates_nothing(tmp_path):
 def test_train_config_wrong_type_or_value_names_the_key(tmp_path, values, key):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({**values, "out": str(tmp_path / "run")}))
-    result = _run("train", "--config", str(config))
+    result = run_promptseg("train", "--config", str(config))
     line = _one_line_exit_2(result, "promptseg train: error:", key)
     assert str(config) in line or key == "threads"
     assert not (tmp_path / "run").exists()
@@ -280,6 +255,6 @@ def test_train_config_wrong_type_or_value_names_the_key(tmp_path, values, key):
 
 @pytest.mark.parametrize("option", ["--threads", "--epochs", "--batch"])
 def test_train_non_positive_numbers_on_the_command_line(tmp_path, option):
-    result = _run("train", option, "0", "--out", str(tmp_path / "run"))
+    result = run_promptseg("train", option, "0", "--out", str(tmp_path / "run"))
     _one_line_exit_2(result, "promptseg train: error:", option, "integer >= 1")
     assert not (tmp_path / "run").exists()

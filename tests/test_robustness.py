@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import nonblank_lines, run_promptseg
 
 from promptseg.data.datasets import DATASET_FOLDERS, load_cases
 from promptseg.robustness import (
@@ -29,18 +28,7 @@ DATASETS = ("btcv-ct", "brain-tumor")
 
 
 def _run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "promptseg.cli", "robustness", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def _lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln.strip()]
+    return run_promptseg("robustness", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +270,7 @@ def test_bad_checkpoint_exits_2_with_one_line(tmp_path, data_root):
     out = tmp_path / "out"
     result = _run(str(tmp_path / "missing.pt"), "--data-root", str(data_root), "--out", str(out))
     assert result.returncode == 2
-    lines = _lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1 and "missing.pt" in lines[0] and "checkpoint not found" in lines[0]
     assert lines[0].startswith("promptseg robustness: error:")
     assert not out.exists()
@@ -296,6 +284,6 @@ def test_bad_free_form_file_exits_2_with_one_line(tmp_path, data_root):
         "default", "--data-root", str(data_root), "--out", str(out), "--free-form", str(bad)
     )
     assert result.returncode == 2
-    lines = _lines(result.stderr)
+    lines = nonblank_lines(result.stderr)
     assert len(lines) == 1 and "prompts.json" in lines[0] and "'lung'" in lines[0], lines
     assert not out.exists()
