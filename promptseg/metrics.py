@@ -183,18 +183,26 @@ def _empty_distance(pred: np.ndarray, truth: np.ndarray) -> float | None:
     return 0.0 if pred_any == truth_any else NAN
 
 
+def hausdorff_pair(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """(``hd``, ``hd95``) from one pair of distance transforms (see :func:`hausdorff`)."""
+    pred, truth = _as_mask_pair(pred, truth)
+    empty = _empty_distance(pred, truth)
+    if empty is not None:
+        _as_spacing(spacing, pred.ndim)
+        return empty, empty
+    d_pred, d_truth = _directed_distances(pred, truth, spacing)
+    hd = float(max(d_pred.max(), d_truth.max()))
+    return hd, float(max(np.percentile(d_pred, 95), np.percentile(d_truth, 95)))
+
+
 def hausdorff(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """Symmetric Hausdorff distance (mm) between mask boundaries.
 
     Returns 0.0 when both masks are empty and nan when exactly one is.
     """
-    pred, truth = _as_mask_pair(pred, truth)
-    empty = _empty_distance(pred, truth)
-    if empty is not None:
-        _as_spacing(spacing, pred.ndim)
-        return empty
-    d_pred, d_truth = _directed_distances(pred, truth, spacing)
-    return float(max(d_pred.max(), d_truth.max()))
+    return hausdorff_pair(pred, truth, spacing)[0]
 
 
 def hausdorff95(
@@ -205,13 +213,7 @@ def hausdorff95(
     Same definition as MedPy's ``hd95`` and MONAI's ``compute_hausdorff_distance(...,
     percentile=95)``. Returns 0.0 when both masks are empty and nan when exactly one is.
     """
-    pred, truth = _as_mask_pair(pred, truth)
-    empty = _empty_distance(pred, truth)
-    if empty is not None:
-        _as_spacing(spacing, pred.ndim)
-        return empty
-    d_pred, d_truth = _directed_distances(pred, truth, spacing)
-    return float(max(np.percentile(d_pred, 95), np.percentile(d_truth, 95)))
+    return hausdorff_pair(pred, truth, spacing)[1]
 
 
 # --------------------------------------------------------------------------- ranking
@@ -282,6 +284,7 @@ def segmentation_metrics(
     truth_empty, pred_empty = tp + fn == 0, tp + fp == 0
     both_empty = truth_empty and pred_empty
     overlap = _ratio(2 * tp, 2 * tp + fp + fn, 1.0)
+    hd, hd95 = hausdorff_pair(pred, truth, spacing)
     out: dict[str, float | int | bool] = {
         "dice": overlap,
         "iou": _ratio(tp, tp + fp + fn, 1.0),
@@ -289,8 +292,8 @@ def segmentation_metrics(
         "recall": _ratio(tp, tp + fn, 1.0 if pred_empty else NAN),
         "f1": overlap,
         "pixel_accuracy": (tp + tn) / pred.size,
-        "hd": hausdorff(pred, truth, spacing),
-        "hd95": hausdorff95(pred, truth, spacing),
+        "hd": hd,
+        "hd95": hd95,
         "kappa": cohen_kappa(tp, fp, fn, tn),
     }
     if prob is not None:
