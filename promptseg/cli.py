@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from promptseg.data.datasets import KINDS
+from promptseg.studies.command import add_study_parser
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -39,8 +40,6 @@ def _int_at_least(minimum: int):
 
 _positive = _int_at_least(1)
 _non_negative = _int_at_least(0)
-
-STUDY_HELP = "loss study, ablation, cross-modality (config-driven)"
 
 
 def _bool(text: str) -> bool:
@@ -302,23 +301,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _add_study(sub: argparse._SubParsersAction, argv: list[str]) -> None:
-    """The ``study`` parser. Its module imports torch (through the study specs), so it is
-    imported only when ``study`` is the command; otherwise a stand-in lists it in --help."""
-    if argv[:1] == ["study"]:
-        from promptseg.studies.command import add_study_parser
-
-        add_study_parser(sub)
-    else:
-        sub.add_parser("study", help=STUDY_HELP)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="promptseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     _add_train(sub)
-    _add_study(sub, argv)
+    add_study_parser(sub)
     _add_evaluate(sub)
     _add_info(sub)
     _add_report(sub)

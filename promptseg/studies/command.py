@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from promptseg.studies.runner import CACHE
-from promptseg.studies.spec import StudyConfig
+from promptseg.studies import CACHE  # torch-free: this module only builds the parser
 
 
 def add_study_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +21,7 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from promptseg.studies.runner import run_all
+    from promptseg.studies.spec import StudyConfig
 
     # Every config is validated before anything is created on disk.
     configs = [StudyConfig.load(p) for p in args.configs]

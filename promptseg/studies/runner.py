@@ -23,9 +23,9 @@ import numpy as np
 
 from promptseg.data.datasets import splits_sha256
 from promptseg.data.readers import _atomic_write
+from promptseg.studies import CACHE
 from promptseg.studies.spec import METRICS, RunSpec
 
-CACHE = Path("runs/study_cache")
 FINGERPRINT_KEYS = ("device", "splits_sha256", "encoder", "preprocessing")
 
 
