@@ -251,8 +251,8 @@ def evaluate(
     summary = _summarise(rows, absent, kidney, loaded, dataset, split, prompt_set, threshold)
     summary["postprocess"] = postprocess
     summary["seconds"] = round(time.time() - started, 1)
-    _write_csv(rows, out / "cases.csv")
-    _write_csv(absent, out / "absent.csv")
+    write_csv(rows, out / "cases.csv")
+    write_csv(absent, out / "absent.csv")
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / "summary.json")
@@ -311,7 +311,8 @@ def _summarise(
     }
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Rows as CSV (floats to 6 decimals), written atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as fh:
         if rows:

@@ -384,10 +384,9 @@ def draw(
             raise InputError(
                 m.name, f"mask shape {m.data.shape} does not match the volume's {volume.data.shape}"
             )
-    from promptseg.runtime.orientation import volume_reorientation
+    from promptseg.runtime.orientation import orientation_known
 
-    _, unknown = volume_reorientation(volume, "RAS")
-    oriented = unknown is None
+    oriented = orientation_known(volume)
     image, data, spacing, ornt = _to_ras(volume, masks)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     colours = _colours(len(masks))

@@ -34,7 +34,6 @@ BTCV and LiTS rows go to ``btcv-ct/cases.csv`` and ``lits-ct/cases.csv``, kept l
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shlex
@@ -50,7 +49,14 @@ import torch
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
 from promptseg.data.bank import DOMAIN
 from promptseg.data.datasets import KINDS, LOCAL_ONLY, Case, load_cases
-from promptseg.evaluate import Predictor, _Prompting, case_metrics, dataset_folders, require_int
+from promptseg.evaluate import (
+    Predictor,
+    _Prompting,
+    case_metrics,
+    dataset_folders,
+    require_int,
+    write_csv,
+)
 from promptseg.preprocess import normalize
 from promptseg.prompts import FREE_FORM
 from promptseg.runtime.manifest import sha256_file
@@ -650,28 +656,14 @@ def summarise(tally: _Tally, loaded: LoadedCheckpoint, verdicts: dict) -> dict:
 
 def _write_outputs(results: dict, rows: list[dict], out: Path) -> None:
     _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_csv(out / "cases.csv", [r for r in rows if r["dataset"] not in LOCAL_ONLY])
+    write_csv([r for r in rows if r["dataset"] not in LOCAL_ONLY], out / "cases.csv")
     for dataset in LOCAL_ONLY:  # licence: these per-case rows stay local (.gitignore)
         local = [r for r in rows if r["dataset"] == dataset]
         if local:
             (out / dataset).mkdir(exist_ok=True)
-            _write_csv(out / dataset / "cases.csv", local)
+            write_csv(local, out / dataset / "cases.csv")
     confusion_png(results, out / "kidney_confusion.png")
     _atomic_write(out / "report.md", report_markdown(results))
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV (floats to 6 decimals), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow(
-                    {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
-                )
-    tmp.replace(path)
 
 
 def confusion_png(results: dict, path: Path) -> Path | None:

@@ -164,8 +164,8 @@ def logit_cutoff(threshold: float) -> np.float32:
     threshold that rounds to 1.0 in float32), so that every comparison is False.
     """
 
-    def above(x: np.float32) -> bool:
-        return bool(sigmoid(np.array([x], dtype=np.float32))[0] > threshold)
+    def above(x: np.float32) -> bool:  # array vs scalar: float32 on numpy 1.x and 2.x alike
+        return bool((sigmoid(np.array([x], dtype=np.float32)) > threshold)[0])
 
     lo, hi = np.float32(-200.0), np.float32(200.0)  # sigmoid: exactly 0 and exactly 1
     if above(lo):

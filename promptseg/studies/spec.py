@@ -199,8 +199,7 @@ class StudyConfig:
         missing = [k for k in REQUIRED if k not in values]
         if missing:
             raise ValueError(f"{path}: missing required keys {missing}")
-        _check_top(path, values)
-        cfg = cls(**values)
+        cfg = cls(**values)  # validate() checks every value, then the cross references
         cfg.validate(path)
         return cfg
 
