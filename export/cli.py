@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from promptseg.cliargs import OneLineParser, positive_int
 from promptseg.export.api import (
     CLI_NAMES,
     INT8_FALLBACK_TOLERANCE,
@@ -17,23 +17,6 @@ from promptseg.export.api import (
 from promptseg.export.files import ExportError, ExportInputError
 
 PROG = "promptseg-export"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {' '.join(message.split())}\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -48,7 +31,7 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs)."""
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Export a promptseg checkpoint to a verified engine folder "
         "(docs/engine_format.md): ONNX graphs, prompt cache, text encoder, manifest, and a "
@@ -68,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calib-samples",
-        type=_positive,
+        type=positive_int,
         help="calibration samples drawn from a dataset root (default 128)",
     )
     fallback = p.add_mutually_exclusive_group()
@@ -91,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="extra prompts for the cache, one per line (prompt[TAB target])",
     )
-    p.add_argument("--opset", type=_positive, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
     p.add_argument(
-        "--max-batch", type=_positive, default=32, help="TensorRT profile max batch (default 32)"
+        "--max-batch", type=positive_int, default=32, help="TensorRT profile max batch (default 32)"
     )
     p.add_argument(
         "--text-encoder-quant",

@@ -12,34 +12,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from promptseg.cliargs import OneLineParser, non_negative_int, positive_int
 from promptseg.data.datasets import KINDS
 from promptseg.studies.command import add_study_parser
-
-
-class _SubcommandParser(argparse.ArgumentParser):
-    """A subcommand's parser: a usage error is one line naming the option, exit 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
 
 
 def _bool(text: str) -> bool:
@@ -62,16 +37,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cbam", type=_bool)
     p.add_argument("--loss", help="loss name or weighted sum, e.g. dice_bce or 'dice+0.5*boundary'")
     p.add_argument("--datasets", nargs="+", choices=KINDS)
-    p.add_argument("--epochs", type=_positive)
-    p.add_argument("--batch", type=_positive)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch", type=positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--threads", type=_positive)
-    p.add_argument("--resolution", type=_non_negative, help="0: the preset's")
-    p.add_argument("--max-samples-per-epoch", dest="max_samples_per_epoch", type=_non_negative)
-    p.add_argument("--val-max-samples", dest="val_max_samples", type=_non_negative)
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--resolution", type=non_negative_int, help="0: the preset's")
+    p.add_argument("--max-samples-per-epoch", dest="max_samples_per_epoch", type=non_negative_int)
+    p.add_argument("--val-max-samples", dest="val_max_samples", type=non_negative_int)
     p.add_argument("--encoder", help="'minilm' (default) or a local BERT-family folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -89,8 +64,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         choices=["canonical", "train", "heldout"],
         help="which phrasings to prompt with",
     )
-    p.add_argument("--batch", type=_positive, default=16)
-    p.add_argument("--threads", type=_positive, default=2)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument(
         "--postprocess",
@@ -139,8 +114,10 @@ def _add_grids(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for grid_<dataset>.png")
     p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--max-cases", type=_non_negative, default=0, help="first N cases only (0: all)")
-    p.add_argument("--threads", type=_positive, default=1)
+    p.add_argument(
+        "--max-cases", type=non_negative_int, default=0, help="first N cases only (0: all)"
+    )
+    p.add_argument("--threads", type=positive_int, default=1)
 
 
 def cmd_grids(args: argparse.Namespace) -> int:
@@ -165,10 +142,10 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, report.md")
     p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument(
-        "--max-cases", type=_non_negative, default=0, help="first N cases per dataset (0: all)"
+        "--max-cases", type=non_negative_int, default=0, help="first N cases per dataset (0: all)"
     )
     p.add_argument(
-        "--phrasings", type=_positive, default=3, help="train/held-out phrasings per case"
+        "--phrasings", type=positive_int, default=3, help="train/held-out phrasings per case"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -177,7 +154,7 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
         help="JSON of free-form prompts (default: the packaged promptseg/data/free_form.json)",
     )
     p.add_argument("--engine", type=Path, help="engine folder for refusal (default: packaged)")
-    p.add_argument("--threads", type=_positive, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
@@ -304,7 +281,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="promptseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _add_train(sub)
     add_study_parser(sub)
     _add_evaluate(sub)

@@ -16,8 +16,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
+from promptseg.cliargs import OneLineParser, positive_int
 from promptseg.data.readers import InputError
 from promptseg.runtime.api import run
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
@@ -26,26 +26,8 @@ from promptseg.runtime.pipeline import MODALITY_CHOICES
 PROG = "promptseg-run"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {' '.join(message.split())}\n")
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Segment medical images from text prompts with an exported promptseg engine "
         "(no PyTorch needed).",
@@ -96,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, metavar="UID", help="SeriesInstanceUID to read")
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="ONNX Runtime intra-op threads (a positive integer; default: ONNX Runtime's choice)",

@@ -394,7 +394,10 @@ def test_export_cli_checks_the_calibration_options(tmp_path, capsys):
     cases = [
         (["--calib-samples", "64"], "--calib-samples is only used with --int8"),
         (["--int8", "--calib-data", str(npz), "--calib-samples", "64"], "applies to a dataset"),
-        (["--int8", "--calib-data", str(tmp_path), "--calib-samples", "0"], "positive integer"),
+        (
+            ["--int8", "--calib-data", str(tmp_path), "--calib-samples", "0"],
+            "must be an integer >= 1",
+        ),
         (["--int8", "--calib-data", str(tmp_path), "--int8-fallback-tolerance", "2"], "[0, 1)"),
     ]
     for extra, message in cases:

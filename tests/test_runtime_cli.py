@@ -480,7 +480,7 @@ def test_threads_must_be_a_positive_integer(
         )  # fmt: skip
         assert proc.returncode == 2, (value, proc.stderr)
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "--threads: must be a positive integer" in lines[0], lines
+        assert len(lines) == 1 and "--threads: must be an integer >= 1" in lines[0], lines
         assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 

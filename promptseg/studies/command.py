@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from promptseg.cliargs import positive_int
 from promptseg.studies import CACHE  # torch-free: this module only builds the parser
 
 
@@ -12,7 +13,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="loss study, ablation, cross-modality (config-driven)")
     p.add_argument("action", choices=["run", "report"], help="run trainings, or write reports")
     p.add_argument("configs", nargs="+", type=Path, help="study config JSON files")
-    p.add_argument("--workers", type=int, default=1, help="parallel runs (one thread each)")
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="parallel runs (one thread each)"
+    )
     p.add_argument("--data-root", dest="data_root", default=None, help="for run: the data folder")
     p.add_argument("--cache", type=Path, default=CACHE, help="banks, embeddings and run results")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
@@ -25,8 +28,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     # Every config is validated before anything is created on disk.
     configs = [StudyConfig.load(p) for p in args.configs]
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.action == "run":
         _check_device(args.device)
         # Studies in the order given, seeds ascending within each: the first study completes
