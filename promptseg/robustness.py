@@ -1,6 +1,6 @@
 """``promptseg robustness``: how a checkpoint answers prompts it was not trained on.
 
-Four measurements on the validation splits (``promptseg/data/splits.json``), all with the case
+Four measurements on the validation splits (``promptseg/data/partition.json``), all with the case
 rule of ``promptseg evaluate`` (a CHAOS or LiTS volume is one case, scored in 3D on its native
 grid; a brain tumour or BTCV slice is one case, scored in 2D) and its :class:`Predictor`:
 

@@ -79,7 +79,7 @@ def test_every_subpackage_and_module_is_in_the_wheel(names):
 def test_data_files_are_in_the_wheel(names):
     required = {
         "promptseg/data/free_form.json",
-        "promptseg/data/splits.json",
+        "promptseg/data/partition.json",
         "promptseg/runtime/default_engine/manifest.json",
         "promptseg/weights/default.pt",
     }

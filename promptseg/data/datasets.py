@@ -39,7 +39,7 @@ BTCV_ORGANS = {
 }
 # Split of the datasets whose ids must be listed (brain tumour file numbers, CHAOS patients):
 # written by make_splits, pinned in the package. BTCV and LiTS splits are rules, kept here.
-SPLITS_FILE = Path(__file__).with_name("splits.json")
+SPLITS_FILE = Path(__file__).with_name("partition.json")
 RULE_SPLITS = {
     "btcv-ct": {"train": [1, 5, 7], "val": [15]},  # volume 15 held out
     "lits-ct": {"train": {"slices": [0, 88]}, "val": {"slices": [96, 128]}},  # 8-slice gap
@@ -249,7 +249,7 @@ def load_lits(
 
 
 def make_splits(data_root: Path) -> dict:
-    """Deterministic leakage-free train/val splits (``splits.json`` plus :data:`RULE_SPLITS`).
+    """Deterministic leakage-free train/val splits (``partition.json`` plus :data:`RULE_SPLITS`).
 
     brain-tumor: file numbers sorted and cut into 20 contiguous blocks; blocks 3, 8, 13, 18
     are validation (neighbouring numbers share patients). chaos-mr: patients 1, 19, 36 are
@@ -270,7 +270,7 @@ def make_splits(data_root: Path) -> dict:
 
 
 def load_splits() -> dict:
-    """Every dataset's split: the pinned id lists of ``splits.json`` and :data:`RULE_SPLITS`."""
+    """Every dataset's split: the pinned id lists of ``partition.json`` and :data:`RULE_SPLITS`."""
     with open(SPLITS_FILE) as fh:
         return {**json.load(fh), **json.loads(json.dumps(RULE_SPLITS))}
 
