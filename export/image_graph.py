@@ -34,7 +34,7 @@ import numpy as np
 from promptseg.export.files import ExportError
 
 INPUT_NAMES = ("image", "film")
-OUTPUT_NAMES = ("logits",)
+OUTPUT_NAMES = ("logits", "presence")
 BATCH_AXIS = "batch"
 
 
@@ -603,7 +603,8 @@ def check_io(model: Any, resolution: int, film_dim: int) -> None:
         {"name": "film", "shape": ["N", film_dim], "dtype": "float32"},
     ]
     expected_out = [
-        {"name": "logits", "shape": ["N", 1, resolution, resolution], "dtype": "float32"}
+        {"name": "logits", "shape": ["N", 1, resolution, resolution], "dtype": "float32"},
+        {"name": "presence", "shape": ["N", 1], "dtype": "float32"},
     ]
     if inputs != expected_in or outputs != expected_out:
         raise ExportError(

@@ -40,7 +40,7 @@ def torch_logits(unet: Any, images: np.ndarray, film: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         x = torch.from_numpy(images)
         f = torch.from_numpy(np.repeat(film[None], len(images), axis=0))
-        return unet(x, f).numpy()
+        return unet(x, f)[0].numpy()
 
 
 def run_batched(sess: Any, images: np.ndarray, film: np.ndarray, batch: int) -> np.ndarray:

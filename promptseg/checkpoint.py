@@ -10,6 +10,7 @@ A checkpoint is a ``torch.save`` dict::
     prompt_embeddings: {"prompts": [str], "embeddings": (N, E) float32 tensor}
     state_dict: PromptSegModel weights (film generator + UNet)
     train: {epoch, seed, loss, datasets, val metrics, seconds, ...}
+    presence_thresholds: {target: tau} (optional; written by ``promptseg calibrate-presence``)
 
 ``load_checkpoint`` rebuilds the model from this alone; the word ``default`` names the model
 shipped inside the package.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ class LoadedCheckpoint:
     prompt_embeddings: dict[str, torch.Tensor]
     train: dict
     path: Path
+    presence_thresholds: dict[str, float] = field(default_factory=dict)
 
     def embedding(self, prompt: str) -> torch.Tensor | None:
         return self.prompt_embeddings.get(prompt)
@@ -140,4 +142,5 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
         prompt_embeddings={p: e for p, e in zip(emb["prompts"], emb["embeddings"])},
         train=blob.get("train", {}),
         path=path,
+        presence_thresholds=dict(blob.get("presence_thresholds", {})),
     )

@@ -31,13 +31,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--out")
-    p.add_argument("--preset", choices=["small", "paper", "tiny"])
+    p.add_argument("--preset", choices=["default", "small", "paper", "tiny"])
     p.add_argument("--fusion", choices=["concat", "film", "film+cbn"])
     p.add_argument("--se", type=_bool)
     p.add_argument("--cbam", type=_bool)
     p.add_argument("--loss", help="loss name or weighted sum, e.g. dice_bce or 'dice+0.5*boundary'")
     p.add_argument("--datasets", nargs="+", choices=KINDS)
-    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--total-samples", dest="total_samples", type=positive_int)
     p.add_argument("--batch", type=positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)
@@ -45,8 +45,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--resolution", type=non_negative_int, help="0: the preset's")
-    p.add_argument("--max-samples-per-epoch", dest="max_samples_per_epoch", type=non_negative_int)
-    p.add_argument("--val-max-samples", dest="val_max_samples", type=non_negative_int)
+    p.add_argument("--eval-every-samples", dest="eval_every_samples", type=positive_int)
+    p.add_argument("--compile", type=_bool, help="torch.compile the training step")
+    p.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        default=0.0,
+        help="save the state and stop after this wall time (continue with --resume)",
+    )
     p.add_argument("--encoder", help="'minilm' (default) or a local BERT-family folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -73,6 +79,29 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="'largest': keep the largest 3D component of organ masks in volumes",
     )
+
+
+def _add_calibrate_presence(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate-presence",
+        help="choose each target's presence threshold on the tune split; store it in the checkpoint",
+    )
+    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint (rewritten in place)")
+    p.add_argument("--data-root", dest="data_root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNG")
+    p.add_argument("--datasets", nargs="+", choices=KINDS)
+
+
+def cmd_calibrate_presence(args: argparse.Namespace) -> int:
+    from promptseg.presence import calibrate_checkpoint
+
+    report = calibrate_checkpoint(args.checkpoint, args.data_root, args.out, args.datasets)
+    for target, row in report["targets"].items():
+        print(
+            f"{target:18s} tau {row['tau']:.2f}  J {row['youden_j']}  (+{row['positives']} / -{row['negatives']})"
+        )
+    print(f"wrote {args.out / 'presence_calibration.json'} and presence_calibration.png")
+    return 0
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -230,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
-    train(TrainConfig(**values), resume=args.resume)
+    train(TrainConfig(**values), resume=args.resume, stop_after_minutes=args.stop_after_minutes)
     return 0
 
 
@@ -285,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     add_study_parser(sub)
     _add_evaluate(sub)
+    _add_calibrate_presence(sub)
     _add_info(sub)
     _add_report(sub)
     _add_render(sub)
@@ -294,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
+        "calibrate-presence": cmd_calibrate_presence,
         "info": cmd_info,
         "report": cmd_report,
         "render": cmd_render,

@@ -120,7 +120,7 @@ class Predictor:
             chunk = pairs[start : start + self.batch]
             images = small[[i for _, i in chunk]]
             films = film[[k for k, _ in chunk]]
-            out = self.loaded.model.unet(images, films)[:, 0].numpy()
+            out = self.loaded.model.unet(images, films)[0][:, 0].numpy()
             for (k, i), o in zip(chunk, out):
                 logits[k, i] = o
         return np.stack([logits_to_probability(lg, slices.shape[1:]) for lg in logits])

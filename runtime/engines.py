@@ -624,7 +624,10 @@ class TorchEngine(Engine):
                 ),
                 TensorSpec("film", ("N", int(self.unet.film_dim)), np.dtype(np.float32)),
             ],
-            [TensorSpec("logits", ("N", 1, res, res), np.dtype(np.float32))],
+            [
+                TensorSpec("logits", ("N", 1, res, res), np.dtype(np.float32)),
+                TensorSpec("presence", ("N", 1), np.dtype(np.float32)),
+            ],
         )
         self.backend = "torch"
         self.precision = precision
@@ -659,8 +662,11 @@ class TorchEngine(Engine):
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "fp16"),
         ):
-            logits = self.unet(image, film)
-        return {"logits": logits.float().cpu().numpy()}
+            logits, presence = self.unet(image, film)
+        return {
+            "logits": logits.float().cpu().numpy(),
+            "presence": presence.float().cpu().numpy(),
+        }
 
     def close(self) -> None:
         self.unet = None

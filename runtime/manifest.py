@@ -152,11 +152,12 @@ class EngineFolder:
                 manifest_path, f"invalid inputs/outputs/preprocessing ({exc})"
             ) from exc
         names = [s.name for s in inputs]
-        if names != ["image", "film"] or [s.name for s in outputs] != ["logits"]:
+        out_names = [s.name for s in outputs]
+        if names != ["image", "film"] or out_names not in (["logits"], ["logits", "presence"]):
             raise InputError(
                 manifest_path,
-                f"graph I/O {names} -> {[s.name for s in outputs]}; expected "
-                "['image', 'film'] -> ['logits']",
+                f"graph I/O {names} -> {out_names}; expected "
+                "['image', 'film'] -> ['logits', 'presence'] (or ['logits'] before presence)",
             )
         digest = hashlib.sha256(raw).hexdigest()
         return cls(folder, manifest, digest, inputs, outputs, pre, verify_hashes)

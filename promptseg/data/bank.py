@@ -15,6 +15,10 @@ import numpy as np
 
 from promptseg.data.datasets import ABDOMEN, BRAIN, DATASET_FOLDERS, Case, load_cases
 from promptseg.preprocess import Preprocessing, normalize, resize_bilinear, resize_nearest
+from promptseg.prompts import TARGETS
+
+# Per-image target state in :attr:`Bank.state`.
+PRESENT, ABSENT, UNKNOWN = 1, 0, -1
 
 DOMAIN = {
     "brain-tumor": set(BRAIN),
@@ -40,15 +44,27 @@ class Sample:
 
 
 class Bank:
-    """Slices (N, R, R) float32 in [0, 1], masks (M, R, R) bool and the sample list."""
+    """Slices (N, R, R) float32 in [0, 1], masks (M, R, R) bool and the sample list.
+
+    Per image and target (columns in :data:`TARGETS` order): ``state`` (N, T) int8 is
+    :data:`PRESENT`, :data:`ABSENT` or :data:`UNKNOWN` (not annotated, or too small to survive
+    the resize), ``mask_index`` (N, T) int32 the row of ``masks`` (-1 if not present), and
+    ``image_dataset`` / ``image_case`` name each image's dataset and case.
+    """
 
     def __init__(self, resolution: int) -> None:
         self.resolution = resolution
         self._images: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
+        self._state: list[np.ndarray] = []
+        self._mask_index: list[np.ndarray] = []
         self.samples: list[Sample] = []
         self.images = np.zeros((0, resolution, resolution), np.float32)
         self.masks = np.zeros((0, resolution, resolution), bool)
+        self.state = np.zeros((0, len(TARGETS)), np.int8)
+        self.mask_index = np.zeros((0, len(TARGETS)), np.int32)
+        self.image_dataset: list[str] = []
+        self.image_case: list[str] = []
 
     def add_case(self, case: Case, pre: Preprocessing) -> None:
         size = (self.resolution, self.resolution)
@@ -56,22 +72,34 @@ class Bank:
         for z in range(slices.shape[0]):
             img_idx = len(self._images)
             self._images.append(slices[z])
+            state = np.full(len(TARGETS), UNKNOWN, np.int8)
+            index = np.full(len(TARGETS), -1, np.int32)
             for target, mask in case.masks.items():
+                column = TARGETS.index(target)
                 m = resize_nearest(mask[z], size)
                 if m.any():
                     self._masks.append(m)
+                    state[column], index[column] = PRESENT, len(self._masks) - 1
                     self.samples.append(
                         Sample(img_idx, target, len(self._masks) - 1, case.dataset, True)
                     )
                 elif not mask[z].any():
+                    state[column] = ABSENT
                     hard = target in DOMAIN[case.dataset]
                     self.samples.append(Sample(img_idx, target, -1, case.dataset, hard))
+            self._state.append(state)
+            self._mask_index.append(index)
+            self.image_dataset.append(case.dataset)
+            self.image_case.append(case.case_id)
 
     def finalize(self) -> Bank:
         if self._images:
             self.images = np.stack(self._images)
         if self._masks:
             self.masks = np.stack(self._masks)
+        if self._state:
+            self.state = np.stack(self._state)
+            self.mask_index = np.stack(self._mask_index)
         return self
 
     def positives(self) -> list[Sample]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ BTCV_ORGANS = {
 # written by make_splits, pinned in the package. BTCV and LiTS splits are rules, kept here.
 SPLITS_FILE = Path(__file__).with_name("partition.json")
 RULE_SPLITS = {
-    "btcv-ct": {"train": [1, 5, 7], "val": [15]},  # volume 15 held out
+    "btcv-ct": {"train": [1, 5, 7, 9, 20], "val": [15]},  # volume 15 held out; 9, 20 in -extra
     "lits-ct": {"train": {"slices": [0, 88]}, "val": {"slices": [96, 128]}},  # 8-slice gap
 }
 
@@ -276,10 +277,33 @@ def load_splits() -> dict:
 
 
 def splits_sha256() -> str:
-    """SHA-256 of the whole split definition (canonical JSON of :func:`load_splits`)."""
-    blob = json.dumps(load_splits(), sort_keys=True, separators=(",", ":")).encode()
+    """SHA-256 of the whole split definition (:func:`load_splits` and the extra train folders)."""
+    definition = {
+        **load_splits(),
+        "extra_train_folders": EXTRA_TRAIN_FOLDERS,
+        "tune": TUNE_RULES,
+    }
+    blob = json.dumps(definition, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
+
+# Training-only folders beside a dataset's own: every case in them belongs to the train split
+# (the brain extras keep clear of the validation blocks; the BTCV extras are whole volumes).
+EXTRA_TRAIN_FOLDERS = {
+    "brain-tumor": "brain-tumor-cheng-extra",
+    "btcv-ct": "btcv-ct-slices-extra",
+}
+
+# The ``tune`` split: cases taken out of ``train`` for choices made on training data (the
+# checkpoint, the presence thresholds), so that ``val`` stays untouched by them. Brain tumour:
+# the extra folder's file numbers in this closed range (glioma, meningioma and pituitary);
+# CHAOS: two training patients; BTCV: the extra volume 9.
+TUNE_RULES = {
+    "brain-tumor": {"extra_file_numbers": [385, 1054]},
+    "chaos-mr": [37, 38],
+    "btcv-ct": [9],
+}
+SPLIT_NAMES = ("train", "tune", "val")
 
 DATASET_FOLDERS = {
     "brain-tumor": "brain-tumor-cheng",
@@ -290,7 +314,12 @@ DATASET_FOLDERS = {
 
 
 def load_cases(kind: str, root: Path, split: str | None = None) -> Iterator[Case]:
-    """Every case of a dataset folder, or only those of a documented split."""
+    """Every case of a dataset folder, or only those of a documented split.
+
+    The ``train`` split also takes the cases of the dataset's training-only folder
+    (:data:`EXTRA_TRAIN_FOLDERS`) when it sits beside ``root``; the ``tune`` split is the part of
+    the training data set aside by :data:`TUNE_RULES` (never in ``train``).
+    """
     root = Path(root)
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {list(KINDS)}")
@@ -298,10 +327,41 @@ def load_cases(kind: str, root: Path, split: str | None = None) -> Iterator[Case
         raise FileNotFoundError(f"{root}: dataset folder not found")
     sel = None
     if split is not None:
-        splits = load_splits()[kind]
-        if split not in splits:
-            raise ValueError(f"unknown split {split!r} for {kind}; expected one of {list(splits)}")
-        sel = splits[split]
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {split!r} for {kind}; expected one of {SPLIT_NAMES}")
+        sel = load_splits()[kind].get(split)
+    if split == "tune" and kind not in TUNE_RULES:
+        return iter(())
+    if split is None or split == "val" or kind not in TUNE_RULES:
+        cases = _load_folder(kind, root, sel)
+        if split == "train" and kind in EXTRA_TRAIN_FOLDERS:
+            cases = itertools.chain(cases, _load_extra(kind, root, tune=False))
+        return cases
+    tune = TUNE_RULES[kind]
+    if kind == "brain-tumor":
+        main = _load_folder(kind, root, sel) if split == "train" else iter(())
+        return itertools.chain(main, _load_extra(kind, root, tune=split == "tune"))
+    ids = set(load_splits()[kind]["train"]) - set(tune)
+    main = _load_folder(kind, root, sorted(ids) if split == "train" else sorted(tune))
+    extra = _load_extra(kind, root, tune=split == "tune")
+    return itertools.chain(main, extra)
+
+
+def _load_extra(kind: str, root: Path, tune: bool) -> Iterator[Case]:
+    """The cases of ``kind``'s training-only folder that are (``tune``) or are not in ``tune``."""
+    extra = root.parent / EXTRA_TRAIN_FOLDERS.get(kind, "-")
+    if kind not in EXTRA_TRAIN_FOLDERS or not extra.is_dir():
+        return iter(())
+    rule = TUNE_RULES.get(kind, [])
+    if kind == "brain-tumor":
+        lo, hi = rule["extra_file_numbers"]
+        ids = [n for n in brain_ids(extra) if (lo <= n <= hi) == tune]
+    else:
+        ids = [n for n in btcv_ids(extra) if (n in rule) == tune]
+    return _load_folder(kind, extra, ids)
+
+
+def _load_folder(kind: str, root: Path, sel: list | dict | None) -> Iterator[Case]:
     if kind == "brain-tumor":
         return load_brain(root, set(sel) if sel is not None else None)
     if kind == "chaos-mr":

@@ -282,7 +282,7 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: s
         datasets = [s.dataset for _, s in chunk]
         images, masks = augment(images, masks, datasets, gen)
         film_in = table[[index[vocab.sample(s.target, rng)] for _, s in chunk]]
-        loss = loss_fn(model(images.to(device), film_in.to(device)), masks.to(device))
+        loss = loss_fn(model(images.to(device), film_in.to(device))[0], masks.to(device))
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"run {spec.key()}: loss became {value} at {step}")
@@ -319,7 +319,7 @@ def evaluate_run(model, spec: RunSpec, cache: Path = CACHE, device: str = "cpu")
                 chunk = samples[i : i + 64]
                 images = torch.from_numpy(bank.images[[s.image for s in chunk]])[:, None]
                 e = table[[index[vocab.canonical(s.target)] for s in chunk]]
-                pred = (model(images.to(device), e.to(device))[:, 0] > 0).cpu().numpy()
+                pred = (model(images.to(device), e.to(device))[0][:, 0] > 0).cpu().numpy()
                 for s, p in zip(chunk, pred):
                     if not s.positive:
                         empty.append(not p.any())
