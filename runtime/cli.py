@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from promptseg.cliargs import OneLineParser, positive_int
 from promptseg.data.readers import InputError
 from promptseg.runtime.api import run
+from promptseg.runtime.dicom_seg import OUTPUT_FORMATS
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
 from promptseg.runtime.pipeline import MODALITY_CHOICES
 
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest (default): keep the largest 3-D connected component of each organ "
         "(liver, spleen, each kidney) in a volume; none: keep every component",
     )
+    p.add_argument(
+        "--output-format",
+        default="auto",
+        metavar="|".join(OUTPUT_FORMATS),
+        help="dicom-seg: a DICOM Segmentation per DICOM series input (one segment per prompt); "
+        "auto: DICOM SEG when -o ends in .dcm, else NIfTI/PNG",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
     return p
 
@@ -129,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log=log,
             render=args.render,
             postprocess=args.postprocess,
+            output_format=args.output_format,
         )
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
