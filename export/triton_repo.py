@@ -117,12 +117,15 @@ def parse_config(text: str) -> Any:
 
 def _check_parses(configs: dict[str, str]) -> None:
     try:
-        from google.protobuf import text_format  # noqa: F401
+        from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2  # noqa: F401
     except ImportError:
         return  # checked in the tests; the repository does not need tritonclient
     for name, text in configs.items():
-        parse_config(text)
+        try:
+            parse_config(text)
+        except text_format.ParseError as exc:  # a bug here, not a user error: say where
+            raise ValueError(f"{name}/config.pbtxt is not a Triton ModelConfig: {exc}") from exc
 
 
 def write_triton_repo(
@@ -174,7 +177,9 @@ def write_triton_repo(
             shutil.copyfile(plan, tmp / PLAN_MODEL / "1" / "model.plan")
         film_dir = tmp / FILM_MODEL / "1"
         write_text_atomic(film_model_source(), film_dir / "model.py")
-        shutil.copyfile(folder.file("prompt_cache.safetensors"), film_dir / "prompt_cache.safetensors")
+        shutil.copyfile(
+            folder.file("prompt_cache.safetensors"), film_dir / "prompt_cache.safetensors"
+        )
         if repo.exists():
             repo.rmdir()
         tmp.rename(repo)

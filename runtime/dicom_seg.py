@@ -152,9 +152,7 @@ def _code(name: str) -> Any:
     return getattr(codes.SCT, name)
 
 
-def segment_description(
-    number: int, target: str, prompt: str, version: str, engine_id: str
-) -> Any:
+def segment_description(number: int, target: str, prompt: str, version: str, engine_id: str) -> Any:
     """highdicom SegmentDescription of one prompt's segment (label = ``number``)."""
     hd = _import_optional("highdicom")
     from pydicom.sr.codedict import codes

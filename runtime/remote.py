@@ -84,7 +84,9 @@ class ServerClient:
         except Exception as exc:  # connection refused, DNS, ...
             raise InputError("--server", f"{self.url} is not reachable ({_first(exc)})") from exc
         if not ready:
-            raise InputError("--server", f"{self.url} does not serve a ready '{VOLUME_MODEL}' model")
+            raise InputError(
+                "--server", f"{self.url} does not serve a ready '{VOLUME_MODEL}' model"
+            )
 
     def segment(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One ``promptseg`` request; a refused request raises InputError with its message."""

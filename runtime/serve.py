@@ -28,7 +28,7 @@ import numpy as np
 
 import promptseg
 from promptseg.data.readers import InputError, PathLike, Volume
-from promptseg.runtime.engines import Engine, select_backend
+from promptseg.runtime.engines import Engine
 from promptseg.runtime.io import Image2D
 from promptseg.runtime.manifest import EngineFolder
 from promptseg.runtime.pipeline import SegmentationResult, check_engine, segment
@@ -238,7 +238,9 @@ def check_serve_options(opts: ServeOptions) -> None:
         if not 0 < int(port) < 65536:
             raise InputError(name, f"must be a port number 1..65535, got {port}")
     if len(set(ports.values())) != len(ports):
-        raise InputError("--http-port", f"the three ports must differ, got {sorted(ports.values())}")
+        raise InputError(
+            "--http-port", f"the three ports must differ, got {sorted(ports.values())}"
+        )
     if int(opts.max_batch) < 1:
         raise InputError("--max-batch", f"must be at least 1, got {opts.max_batch}")
     if int(opts.instances) < 1:
@@ -257,7 +259,9 @@ def _open_engines(opts: ServeOptions, folder: EngineFolder) -> list[Engine]:
     return engines
 
 
-def bind_models(triton: Any, folder: EngineFolder, engines: list[Engine], opts: ServeOptions) -> None:
+def bind_models(
+    triton: Any, folder: EngineFolder, engines: list[Engine], opts: ServeOptions
+) -> None:
     """Bind ``promptseg_slices`` (one engine per instance) and ``promptseg`` to a PyTriton server."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
@@ -336,7 +340,9 @@ def start(opts: ServeOptions, log: Callable[[str], None] = print) -> Any:
     try:
         from pytriton.triton import Triton
     except ImportError as exc:
-        raise InputError("serve", f"needs PyTriton: pip install 'promptseg[serve]' ({exc})") from exc
+        raise InputError(
+            "serve", f"needs PyTriton: pip install 'promptseg[serve]' ({exc})"
+        ) from exc
     folder = EngineFolder.open(opts.engine)
     engines = _open_engines(opts, folder)
     os.environ.update(server_environment())  # the server process inherits it

@@ -150,7 +150,9 @@ class BundledTriton(_LoopbackServer):
         stub = server / "backends" / "python" / "triton_python_backend_stub"
         shutil.copy(get_stub_path(version), stub)
         env = server_environment()
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([env.get("LD_LIBRARY_PATH", ""), str(get_libs_path())])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [env.get("LD_LIBRARY_PATH", ""), str(get_libs_path())]
+        )
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         cmd = [
             str(server / "bin" / "tritonserver"),

@@ -95,12 +95,15 @@ def decode_options(raw: np.ndarray | None) -> dict[str, Any]:
         raise InputError("options", f"kind {options['kind']!r}; valid: {', '.join(KINDS)}")
     if options["modality"] not in MODALITIES:
         raise InputError(
-            "--modality", f"unknown modality {options['modality']!r}; valid: {', '.join(MODALITIES)}"
+            "--modality",
+            f"unknown modality {options['modality']!r}; valid: {', '.join(MODALITIES)}",
         )
     for key, kind, flag in (("threshold", float, "--threshold"), ("batch", int, "--batch")):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != kind(value):
-            raise InputError(flag, f"must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+            raise InputError(
+                flag, f"must be a{'n integer' if kind is int else ' number'}, got {value!r}"
+            )
         options[key] = kind(value)
     return options
 
@@ -123,7 +126,11 @@ def decode_request(inputs: dict[str, np.ndarray]) -> tuple[Volume | Image2D, lis
         if data.shape[2] != 1:
             raise InputError(source, f"2-D image sent as {data.shape}; expected [H, W, 1]")
         bits = 8 if options["modality"] == "uint8" else 16
-        return Image2D(np.ascontiguousarray(data[:, :, 0]), {"bit_depth": bits}, source), prompts, options
+        return (
+            Image2D(np.ascontiguousarray(data[:, :, 0]), {"bit_depth": bits}, source),
+            prompts,
+            options,
+        )
     affine = np.asarray(inputs["affine"], dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise InputError(source, f"affine of shape {affine.shape}; expected a finite 4 x 4 matrix")

@@ -67,14 +67,10 @@ def seg_content(path: Path) -> tuple[list[tuple], dict[tuple, np.ndarray]]:
                 [],
             )
         )
-        segments.append(
-            (number, desc.segment_label, desc.segmented_property_type.value, modifiers)
-        )
+        segments.append((number, desc.segment_label, desc.segmented_property_type.value, modifiers))
     planes: dict[tuple, np.ndarray] = {}
     for i, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        pos = tuple(
-            round(float(v), 2) for v in frame.PlanePositionSequence[0].ImagePositionPatient
-        )
+        pos = tuple(round(float(v), 2) for v in frame.PlanePositionSequence[0].ImagePositionPatient)
         number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         plane = planes.setdefault(pos, np.zeros((seg.Rows, seg.Columns), np.uint8))
         plane[seg.pixel_array[i] > 0] = number

@@ -162,7 +162,13 @@ def test_a_client_killed_mid_request_leaves_the_server_healthy(
     job.communicate(timeout=60)
     assert not (tmp_path / "dropped.nii.gz").exists()
     proc = run_cli(
-        chaos, "--prompt", "liver", "-o", tmp_path / "after.nii.gz", "--server", server.url,
+        chaos,
+        "--prompt",
+        "liver",
+        "-o",
+        tmp_path / "after.nii.gz",
+        "--server",
+        server.url,
         threads=False,
     )
     _ok(proc)
