@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorRT plan where tensorrt imports.",
     )
     p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
-    p.add_argument("-o", "--out", required=True, type=Path, help="engine folder to write")
+    p.add_argument("-o", "--out", type=Path, help="engine folder to write")
+    p.add_argument(
+        "--triton-repo",
+        type=Path,
+        metavar="DIR",
+        help="also write a Triton model repository (docs/serving.md); with an engine folder "
+        "as CHECKPOINT and no -o, only convert that folder",
+    )
     p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
     p.add_argument(
         "--int8", action="store_true", help="also write model.int8.onnx (needs --calib-data)"
@@ -96,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 2 on bad input, 1 on a failed export check."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.triton_repo is not None and args.out is None:
+        return _triton_repo_only(args)
+    if args.out is None:
+        parser.error("the following arguments are required: -o/--out")
     if not args.int8_fallback:
         tolerance, fallback_option = None, "no_fallback"
     elif args.int8_fallback_tolerance is not None:
@@ -138,6 +149,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("promptseg-export: interrupted", file=sys.stderr)
         return 130
     print(manifest)
+    if args.triton_repo is not None:
+        return _triton_repo_only(args, engine=args.out)
+    return 0
+
+
+def _triton_repo_only(args: argparse.Namespace, engine: Path | None = None) -> int:
+    """``--triton-repo DIR``: write the repository for an engine folder."""
+    from promptseg.data.readers import InputError
+    from promptseg.export.triton_repo import write_triton_repo
+
+    try:
+        models = write_triton_repo(engine or Path(args.checkpoint), args.triton_repo)
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.triton_repo} ({', '.join(models)})")
     return 0
 
 

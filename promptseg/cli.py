@@ -14,6 +14,7 @@ from pathlib import Path
 
 from promptseg.cliargs import OneLineParser, non_negative_int, positive_int
 from promptseg.data.datasets import KINDS
+from promptseg.runtime.serve import add_serve_parser, cmd_serve
 from promptseg.studies.command import add_study_parser
 
 
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_render(sub)
     _add_grids(sub)
     _add_robustness(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     handlers = {
         "train": cmd_train,
@@ -331,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "grids": cmd_grids,
         "study": cmd_study,
         "robustness": cmd_robustness,
+        "serve": cmd_serve,
     }
     try:
         return handlers[args.command](args)

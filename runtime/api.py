@@ -28,6 +28,7 @@ from promptseg.data.readers import (
     write_text_atomic,
 )
 from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.runtime import dicom_seg
 from promptseg.runtime.engines import (
     PRECISIONS,
     BackendError,
@@ -154,6 +155,7 @@ def run(
     log: Callable[[str], None] | None = None,
     render: PathLike | None = None,
     postprocess: str = "largest",
+    output_format: str = "auto",
 ) -> list[dict[str, Any]]:
     """Segment inputs for prompts and write masks (the API of ``promptseg-run``).
 
@@ -178,6 +180,8 @@ def run(
         render: Also draw a PNG picture of the label map (3-D views and an axial overlay,
             :mod:`promptseg.render`; needs ``promptseg[render]``). One volume input only.
         postprocess: "largest" (keep each organ's largest 3D component in volumes) or "none".
+        output_format: "nifti", "dicom-seg" (DICOM series inputs; one segment per prompt) or
+            "auto" (DICOM SEG for one input with ``output`` ending in .dcm, else NIfTI/PNG).
 
     Returns:
         One summary dict per input (output, backend, precision, engine hash, seconds per stage,
@@ -203,8 +207,12 @@ def run(
     resolver = PromptResolver(folder, threads=threads)
     resolved = resolver.resolve_all(prompt_list)
     kinds = [input_kind(p) for p in paths]
-    outputs = plan_outputs(paths, output, kinds)
-    several = len(resolved) > 1
+    seg = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
+    if seg:
+        outputs = dicom_seg.plan_seg_outputs(paths, output, kinds)
+    else:
+        outputs = plan_outputs(paths, output, kinds)
+    several = len(resolved) > 1 and not seg  # a SEG names its segments itself
     if several:
         for out in outputs:
             if out.parent.exists():
@@ -265,7 +273,17 @@ def run(
             t = time.perf_counter()
             if not out.parent.exists():  # the -o folder of several inputs (parent checked)
                 out.parent.mkdir(exist_ok=True)
-            _write_mask(image, result, out)
+            if seg:
+                dicom_seg.write_dicom_seg(
+                    image,
+                    result.labels,
+                    dicom_seg.segments_of(result.stats),
+                    out,
+                    version=promptseg.__version__,
+                    engine_id=folder.manifest_sha256,
+                )
+            else:
+                _write_mask(image, result, out)
             sidecar = None
             if several:
                 sidecar = labels_sidecar(out)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from promptseg.cliargs import OneLineParser, positive_int
 from promptseg.data.readers import InputError
 from promptseg.runtime.api import run
+from promptseg.runtime.dicom_seg import OUTPUT_FORMATS
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
 from promptseg.runtime.pipeline import MODALITY_CHOICES
 
@@ -96,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest (default): keep the largest 3-D connected component of each organ "
         "(liver, spleen, each kidney) in a volume; none: keep every component",
     )
+    p.add_argument(
+        "--output-format",
+        default="auto",
+        metavar="|".join(OUTPUT_FORMATS),
+        help="dicom-seg: a DICOM Segmentation per DICOM series input (one segment per prompt); "
+        "auto: DICOM SEG when -o ends in .dcm, else NIfTI/PNG",
+    )
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="segment on a 'promptseg serve' server (its HTTP port) instead of locally; "
+        "writes the same outputs",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
     return p
 
@@ -111,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
 
     try:
+        if args.server is not None:
+            return _run_on_server(args, log)
         run(
             args.inputs,
             args.prompt,
@@ -129,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log=log,
             render=args.render,
             postprocess=args.postprocess,
+            output_format=args.output_format,
         )
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -146,6 +163,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _run_on_server(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from promptseg.runtime.remote import check_local_only, run_remote
+
+    check_local_only(
+        **{"--engine": args.engine, "--precision": args.precision, "--render": args.render},
+        **{"--threads": args.threads, "--backend": None if args.backend == "auto" else 1},
+    )
+    run_remote(
+        args.inputs,
+        args.prompt,
+        args.server,
+        args.output,
+        batch=args.batch,
+        threshold=args.threshold,
+        modality=args.modality,
+        json_path=args.json_path,
+        volume=args.volume,
+        series=args.series,
+        postprocess=args.postprocess,
+        output_format=args.output_format,
+        log=log,
+    )
     return 0
 
 

@@ -37,6 +37,7 @@ _EXTRAS: dict[str, str] = {
     "nibabel": "promptseg",
     "PIL": "promptseg",
     "pydicom": "promptseg[dicom]",
+    "highdicom": "promptseg[dicom]",
     "mrcfile": "promptseg[train]",
     "tifffile": "promptseg[train]",
 }

@@ -1,0 +1,411 @@
+"""``promptseg serve``: an engine folder behind NVIDIA Triton Inference Server (PyTriton).
+
+Two models (tensors in :mod:`promptseg.runtime.serve_protocol`, design in docs/serving.md):
+``promptseg_slices`` runs the engine on preprocessed slices with Triton's dynamic batcher, one
+engine per instance, loaded once; ``promptseg`` takes a whole volume with its affine and prompts
+and runs :func:`segment_request` (the runtime's own pipeline), whose engine is the slice model
+over loopback gRPC, so slices of concurrent volume requests share batches. Needs
+``pip install 'promptseg[serve]'`` (nvidia-pytriton, tritonclient).
+
+PyTriton's Python-backend stub loads ``libpython3.X.so`` by soname; :func:`server_environment`
+puts this interpreter's own library folder first on ``LD_LIBRARY_PATH`` so that the stub gets
+the library of the interpreter that runs the models (pyenv builds differ from the system's).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import promptseg
+from promptseg.data.readers import InputError, PathLike, Volume
+from promptseg.runtime.engines import Engine
+from promptseg.runtime.io import Image2D
+from promptseg.runtime.manifest import EngineFolder
+from promptseg.runtime.pipeline import SegmentationResult, check_engine, segment
+from promptseg.runtime.prompt_resolver import PromptResolver
+from promptseg.runtime.serve_protocol import (
+    ERROR_PREFIX,
+    SLICE_MODEL,
+    VOLUME_MODEL,
+    decode_request,
+    encode_response,
+    request_modality,
+)
+
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+SLICE_TIMEOUT_S = 600.0
+
+
+class RequestError(Exception):
+    """A bad request: Triton answers it with ``promptseg serve: error: <the CLI's message>``.
+
+    PyTriton sends ``traceback.format_exception(exc)`` as the error text; this class has no
+    traceback and a qualified name that reads as the prefix, so the text is that one line.
+    """
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:  # noqa: D401 - the error text carries no traceback
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value: Any) -> None:
+        pass
+
+
+RequestError.__module__ = "builtins"
+RequestError.__qualname__ = ERROR_PREFIX
+
+
+def python_library_dir() -> Path | None:
+    """This interpreter's folder holding ``libpython3.X.so`` (None for a static build)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    name = f"libpython{sys.version_info.major}.{sys.version_info.minor}"
+    if libdir and any(Path(libdir).glob(f"{name}*.so*")):
+        return Path(libdir)
+    return None
+
+
+def server_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` with this interpreter's library folder first on ``LD_LIBRARY_PATH``."""
+    env = dict(os.environ if environ is None else environ)
+    libdir = python_library_dir()
+    if libdir is not None:
+        parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([str(libdir), *parts])
+    return env
+
+
+class TritonSliceEngine(Engine):
+    """The slice model seen as an :class:`Engine` (gRPC on loopback), for :func:`segment`.
+
+    Args:
+        url: gRPC address of the server (host:port).
+        folder: The served engine folder (its inputs and outputs).
+        info: The slice engines' :meth:`Engine.describe`.
+    """
+
+    def __init__(self, url: str, folder: EngineFolder, info: dict[str, Any]) -> None:
+        import tritonclient.grpc as grpcclient
+
+        super().__init__(folder.inputs, folder.outputs)
+        self._grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.backend = f"triton:{info['backend']}"
+        self.precision = info["precision"]
+        self.providers = list(info["providers"])
+        self.source = info["source"]
+        self.folder = folder
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        grpc = self._grpc
+        feed = []
+        for name in ("image", "film"):
+            arr = np.ascontiguousarray(inputs[name], dtype=np.float32)
+            item = grpc.InferInput(name, list(arr.shape), "FP32")
+            item.set_data_from_numpy(arr)
+            feed.append(item)
+        names = [s.name for s in self.outputs]
+        result = self.client.infer(
+            SLICE_MODEL,
+            feed,
+            outputs=[grpc.InferRequestedOutput(n) for n in names],
+            client_timeout=SLICE_TIMEOUT_S,
+        )
+        return {n: result.as_numpy(n) for n in names}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def segment_request(
+    image: Volume | Image2D,
+    prompts: list[str],
+    options: dict[str, Any],
+    engine: Engine,
+    resolver: PromptResolver,
+    folder: EngineFolder,
+) -> SegmentationResult:
+    """Segment one request's image with the runtime's pipeline (the server's only adapter).
+
+    Raises:
+        InputError: A bad prompt or option (the message ``promptseg-run`` prints).
+    """
+    resolved = resolver.resolve_all(prompts)
+    return segment(
+        image,
+        resolved,
+        engine,
+        resolver,
+        folder.preprocessing,
+        batch=int(options["batch"]),
+        threshold=float(options["threshold"]),
+        modality=request_modality(options),
+        axcodes=folder.axcodes,
+        postprocess=str(options["postprocess"]),
+    )
+
+
+def _summary(result: SegmentationResult, engine: Engine, folder: EngineFolder) -> dict:
+    return {
+        "prompts": result.stats,
+        "modality": result.modality,
+        "orientation": None if result.reorientation is None else result.reorientation.input_axcodes,
+        "warnings": result.warnings,
+        "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+        "backend": engine.backend,
+        "precision": engine.precision,
+        "providers": engine.providers,
+        "engine": {"path": str(folder.path), "manifest_sha256": folder.manifest_sha256},
+        "promptseg_version": promptseg.__version__,
+    }
+
+
+def volume_infer_function(
+    folder: EngineFolder, grpc_url: str, info: dict[str, Any], threads: int | None
+) -> Callable[[list], list[dict[str, np.ndarray]]]:
+    """One instance of the ``promptseg`` model: its own prompt resolver and slice client."""
+    resolver = PromptResolver(folder, threads=threads)
+    state: dict[str, Engine] = {}
+    lock = threading.Lock()
+
+    def infer(requests: list) -> list[dict[str, np.ndarray]]:
+        with lock:
+            if "engine" not in state:  # the server is up once requests arrive
+                state["engine"] = TritonSliceEngine(grpc_url, folder, info)
+        engine = state["engine"]
+        responses = []
+        for request in requests:
+            try:
+                image, prompts, options = decode_request(dict(request.items()))
+                result = segment_request(image, prompts, options, engine, resolver, folder)
+            except InputError as exc:
+                raise RequestError(str(exc)) from None
+            responses.append(encode_response(result.labels, _summary(result, engine, folder)))
+        return responses
+
+    return infer
+
+
+def slice_infer_function(engine: Engine) -> Callable[..., dict[str, np.ndarray]]:
+    """One instance of the ``promptseg_slices`` model: its own engine, batches as they come."""
+    from pytriton.decorators import batch
+
+    @batch
+    def infer(image: np.ndarray, film: np.ndarray) -> dict[str, np.ndarray]:
+        out = engine.infer(
+            {
+                "image": np.ascontiguousarray(image, dtype=np.float32),
+                "film": np.ascontiguousarray(film, dtype=np.float32),
+            }
+        )
+        return {name: np.asarray(value, dtype=np.float32) for name, value in out.items()}
+
+    return infer
+
+
+@dataclass
+class ServeOptions:
+    """Settings of :func:`serve` (the ``promptseg serve`` options)."""
+
+    engine: PathLike | None = None
+    host: str = "127.0.0.1"
+    http_port: int = DEFAULT_PORTS["http"]
+    grpc_port: int = DEFAULT_PORTS["grpc"]
+    metrics_port: int = DEFAULT_PORTS["metrics"]
+    max_batch: int = 64
+    instances: int = 1
+    backend: str = "auto"
+    precision: str | None = None
+    threads: int | None = None
+    queue_delay_us: int = 2000
+
+
+def check_serve_options(opts: ServeOptions) -> None:
+    """Raise InputError for ports, batch sizes or instance counts that cannot work."""
+    ports = {"--http-port": opts.http_port, "--grpc-port": opts.grpc_port}
+    ports["--metrics-port"] = opts.metrics_port
+    for name, port in ports.items():
+        if not 0 < int(port) < 65536:
+            raise InputError(name, f"must be a port number 1..65535, got {port}")
+    if len(set(ports.values())) != len(ports):
+        raise InputError(
+            "--http-port", f"the three ports must differ, got {sorted(ports.values())}"
+        )
+    if int(opts.max_batch) < 1:
+        raise InputError("--max-batch", f"must be at least 1, got {opts.max_batch}")
+    if int(opts.instances) < 1:
+        raise InputError("--instances", f"must be at least 1, got {opts.instances}")
+
+
+def _open_engines(opts: ServeOptions, folder: EngineFolder) -> list[Engine]:
+    from promptseg.runtime.api import _open_engine
+
+    engines = [
+        _open_engine(opts.backend, folder, opts.precision, opts.threads)
+        for _ in range(int(opts.instances))
+    ]
+    resolver = PromptResolver(folder)
+    check_engine(engines[0], folder.preprocessing, int(resolver.cache.film.shape[-1]))
+    return engines
+
+
+def bind_models(
+    triton: Any, folder: EngineFolder, engines: list[Engine], opts: ServeOptions
+) -> None:
+    """Bind ``promptseg_slices`` (one engine per instance) and ``promptseg`` to a PyTriton server."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    res = folder.resolution
+    film = int(folder.film_dim)
+    outputs = [
+        Tensor(name=s.name, dtype=np.float32, shape=tuple(int(d) for d in s.shape[1:]))
+        for s in folder.outputs
+    ]
+    triton.bind(
+        model_name=SLICE_MODEL,
+        infer_func=[slice_infer_function(e) for e in engines],
+        inputs=[
+            Tensor(name="image", dtype=np.float32, shape=(1, res, res)),
+            Tensor(name="film", dtype=np.float32, shape=(film,)),
+        ],
+        outputs=outputs,
+        config=ModelConfig(
+            max_batch_size=int(opts.max_batch),
+            batcher=DynamicBatcher(max_queue_delay_microseconds=int(opts.queue_delay_us)),
+        ),
+        strict=True,
+    )
+    grpc_url = f"{_loopback(opts.host)}:{opts.grpc_port}"
+    info = engines[0].describe()
+    triton.bind(
+        model_name=VOLUME_MODEL,
+        infer_func=[
+            volume_infer_function(folder, grpc_url, info, opts.threads)
+            for _ in range(int(opts.instances))
+        ],
+        inputs=[
+            Tensor(name="image", dtype=np.float32, shape=(-1, -1, -1)),
+            Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
+            Tensor(name="prompts", dtype=np.bytes_, shape=(-1,)),
+            Tensor(name="options", dtype=np.bytes_, shape=(1,), optional=True),
+        ],
+        outputs=[
+            Tensor(name="labels", dtype=np.uint8, shape=(-1, -1, -1)),
+            Tensor(name="summary", dtype=np.bytes_, shape=(1,)),
+        ],
+        config=ModelConfig(batching=False),
+        strict=True,
+    )
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def triton_config(opts: ServeOptions) -> Any:
+    from pytriton.triton import TritonConfig
+
+    return TritonConfig(
+        http_address=opts.host,
+        http_port=int(opts.http_port),
+        grpc_address=opts.host,
+        grpc_port=int(opts.grpc_port),
+        metrics_port=int(opts.metrics_port),
+        metrics_address=opts.host,
+        log_verbose=0,
+        exit_timeout_secs=5,
+    )
+
+
+def start(opts: ServeOptions, log: Callable[[str], None] = print) -> Any:
+    """Open the engine (``instances`` times), start Triton and bind the models.
+
+    Returns:
+        The running ``pytriton.triton.Triton`` (call ``.stop()``, or ``.serve()`` to block).
+
+    Raises:
+        InputError: Bad options, engine folder or backend; PyTriton not installed.
+    """
+    check_serve_options(opts)
+    try:
+        from pytriton.triton import Triton
+    except ImportError as exc:
+        raise InputError(
+            "serve", f"needs PyTriton: pip install 'promptseg[serve]' ({exc})"
+        ) from exc
+    folder = EngineFolder.open(opts.engine)
+    engines = _open_engines(opts, folder)
+    os.environ.update(server_environment())  # the server process inherits it
+    t0 = time.perf_counter()
+    triton = Triton(config=triton_config(opts))
+    try:
+        bind_models(triton, folder, engines, opts)
+        triton.run()
+    except BaseException:
+        triton.stop()
+        raise
+    log(
+        f"promptseg serve: {folder.path} ({engines[0].backend}, {opts.instances} instance(s), "
+        f"max batch {opts.max_batch}) ready in {time.perf_counter() - t0:.1f} s: "
+        f"http {opts.host}:{opts.http_port}, grpc {opts.host}:{opts.grpc_port}, "
+        f"metrics {opts.host}:{opts.metrics_port}"
+    )
+    return triton
+
+
+def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
+    """Run the server until interrupted (SIGINT/SIGTERM), then shut Triton down."""
+    import signal
+
+    triton = start(opts, log)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and triton.is_alive():
+            stop.wait(1.0)
+    finally:
+        log("promptseg serve: shutting down")
+        triton.stop()
+
+
+def add_serve_parser(sub: Any) -> None:
+    """The ``promptseg serve`` subcommand (argparse)."""
+    p = sub.add_parser("serve", help="serve an engine with NVIDIA Triton (PyTriton)")
+    p.add_argument("--engine", metavar="DIR", help="engine folder (default: packaged)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    for name, port in DEFAULT_PORTS.items():
+        p.add_argument(f"--{name}-port", type=int, default=port, metavar="PORT")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="slices per batch")
+    p.add_argument("--instances", type=int, default=1, metavar="N", help="engines (instances)")
+    p.add_argument("--backend", default="auto", help="engine backend (as promptseg-run)")
+    p.add_argument("--precision", default=None, help="image graph precision (as promptseg-run)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT threads/engine")
+
+
+def cmd_serve(args: Any) -> int:
+    """Run ``promptseg serve`` until interrupted."""
+    opts = ServeOptions(
+        engine=args.engine,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_batch=args.max_batch,
+        instances=args.instances,
+        backend=args.backend,
+        precision=args.precision,
+        threads=args.threads,
+    )
+    serve(opts, log=lambda line: print(line, flush=True))
+    return 0
