@@ -205,6 +205,17 @@ class EngineFolder:
     def refusal_threshold(self) -> float:
         return float(self.manifest["prompt_refusal"]["threshold"])
 
+    @property
+    def ambiguity_margin(self) -> float | None:
+        """Cosine margin under which two targets are equally close to a prompt (None: unset)."""
+        value = self.manifest["prompt_refusal"].get("ambiguity_margin")
+        return None if value is None else float(value)
+
+    @property
+    def prompt_groups(self) -> dict[str, dict[str, list[str]]] | None:
+        """Group prompts: name -> {"members", "phrasings"} (None: the manifest has none)."""
+        return self.manifest.get("prompt_groups")
+
     def graph(self, precision: str) -> Path:
         """The image graph for a precision ("fp32", "fp16", "int8"), hash-checked (:meth:`file`).
 
