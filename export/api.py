@@ -379,7 +379,6 @@ def _image_graph(state: _State, opset: int) -> None:
 
 def _prompt_path(state: _State, opset: int, prompts_file: Any, quant: str, verify: bool) -> None:
     from promptseg.export.prompt_cache import build_cache, read_prompts_file, save_cache
-    from promptseg.prompts import prompt_groups
     from promptseg.export.refusal import calibrate_ambiguity, calibrate_refusal
     from promptseg.export.text_graphs import (
         embed_onnx,
@@ -387,6 +386,7 @@ def _prompt_path(state: _State, opset: int, prompts_file: Any, quant: str, verif
         export_text_encoder,
         session,
     )
+    from promptseg.prompts import prompt_groups
 
     loaded, encoder, out = state.loaded, state.encoder, state.out
     vocab = loaded.vocabulary

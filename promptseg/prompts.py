@@ -141,7 +141,9 @@ AMBIGUOUS: tuple[str, ...] = (
 )
 
 
-def prompt_groups(targets: tuple[str, ...] | list[str] = TARGETS) -> dict[str, dict[str, list[str]]]:
+def prompt_groups(
+    targets: tuple[str, ...] | list[str] = TARGETS,
+) -> dict[str, dict[str, list[str]]]:
     """The groups whose members are all in ``targets``: name -> {"members", "phrasings"}.
 
     Phrasings are the group's name and synonyms in every train and held-out template (the

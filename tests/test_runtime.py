@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scipy import ndimage
 
 from promptseg.data.readers import InputError, Volume, read_volume
