@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,10 @@ import numpy as np
 
 from promptseg.data.readers import InputError, PathLike
 from promptseg.prompts import prompt_groups
+from promptseg.runtime.engine_format import CACHE_FORMAT, CACHE_VERSION
 from promptseg.runtime.manifest import EngineFolder
 from promptseg.runtime.tokenizer import WordPieceTokenizer
 
-CACHE_FORMAT = "promptseg-prompt-cache"
-CACHE_VERSION = "1"
 # The packaged engine's calibrated margin (python scripts/calibrate_ambiguity.py), used for
 # engines whose manifest records none (exported before promptseg-export calibrated it).
 DEFAULT_AMBIGUITY_MARGIN = 0.1215
@@ -165,21 +164,47 @@ def ambiguity_gap(scores: list[tuple[str, float, int]]) -> float:
 
 @dataclass
 class PromptCache:
-    """The contents of ``prompt_cache.safetensors``.
+    """The contents of ``prompt_cache.safetensors`` (the one class export and runtime share).
 
     Attributes:
         prompts: K cached prompt strings.
         targets: K canonical target names.
         film: (K, P) float32 FiLM vectors.
         embedding: (K, E) float32 text embeddings.
-        path: The file.
+        path: The file it was read from (None for a cache built in memory).
+        meta: The file's raw metadata strings.
     """
 
     prompts: list[str]
     targets: list[str]
     film: np.ndarray
     embedding: np.ndarray
-    path: Path
+    path: Path | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def index(self, prompt: str) -> int:
+        """Row of a cached prompt (exact string)."""
+        return self.prompts.index(prompt)
+
+    def write(self, path: PathLike, extra_meta: dict[str, Any] | None = None) -> None:
+        """Write the file (not atomically: callers write to a temp path and rename it)."""
+        from safetensors.numpy import save_file
+
+        meta = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "prompts": json.dumps(self.prompts, ensure_ascii=False),
+            "targets": json.dumps(self.targets, ensure_ascii=False),
+            "film_dim": str(self.film.shape[1]),
+            "embed_dim": str(self.embedding.shape[1]),
+        }
+        for key, value in (extra_meta or {}).items():
+            meta[key] = value if isinstance(value, str) else json.dumps(value)
+        tensors = {"film": self.film, "embedding": self.embedding}
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(
@@ -246,7 +271,7 @@ class PromptCache:
                 raise InputError(p, f"{name} {got} differs from the engine manifest's {want}")
         if not (np.all(np.isfinite(film)) and np.all(np.isfinite(embedding))):
             raise InputError(p, "holds NaN or Inf values")
-        return cls(prompts, targets, film, embedding, p)
+        return cls(prompts, targets, film, embedding, p, meta)
 
 
 class PromptResolver:
