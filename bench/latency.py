@@ -34,7 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import hashlib
@@ -45,6 +44,7 @@ import platform
 import sys
 import tempfile
 import time
+from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VOLUME = REPO / "promptseg" / "examples" / "chaos_mr_1.nii.gz"
+PROG = "bench/latency.py"
 GATE_P95_MS = 50.0
 GOAL_P95_MS = 2.0
 GOAL_SLICES_PER_S = 3000.0
@@ -740,30 +741,51 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/latency.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", type=Path, help="engine folder (default: runtime/default_engine)")
-    p.add_argument("--checkpoint", help="checkpoint for the PyTorch backends (.pt or 'default')")
-    p.add_argument("--iters", type=int, default=200, help="timed iterations (default 200)")
-    p.add_argument("--warmup", type=int, default=20, help="untimed warm-up iterations")
-    p.add_argument("--batch", type=int, default=16, help="batch for throughput (default 16)")
-    p.add_argument("--batch-iters", type=int, help="timed batched iterations (default --iters)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--volume", type=Path, help=f"example volume (default {DEFAULT_VOLUME})")
-    p.add_argument("--volume-repeats", type=int, default=3)
-    p.add_argument(
-        "--preset", choices=("tiny", "small", "paper"), help="random UNet, exported on the fly"
+def _command() -> Any:
+    """The click command (built on use: click is imported only by the CLI)."""
+    import click
+
+    from promptseg.cliargs import CONTEXT, non_negative_int, positive_int, version_option
+
+    path = click.Path(path_type=Path)
+
+    @click.command(context_settings=CONTEXT, help=__doc__.split("\n\n")[0])
+    @click.option("--engine", type=path, help="engine folder [default: runtime/default_engine]")
+    @click.option("--checkpoint", help="checkpoint for the PyTorch backends (.pt or 'default')")
+    @click.option("--iters", type=positive_int, default=200, help="timed iterations")
+    @click.option("--warmup", type=non_negative_int, default=20, help="untimed warm-up iterations")
+    @click.option("--batch", type=positive_int, default=16, help="batch for throughput")
+    @click.option(
+        "--batch-iters", type=positive_int, help="timed batched iterations [default: --iters]"
     )
-    p.add_argument("--resolution", type=int, help="resolution for --preset (default 256)")
-    p.add_argument("--json", type=Path, help="write the report here")
-    p.add_argument("--check", action="store_true", help="exit 1 when a GPU p95 >= 50 ms")
-    return p
+    @click.option("--threads", type=positive_int, help="CPU threads [default: all cores]")
+    @click.option("--volume", type=path, help=f"example volume [default: {DEFAULT_VOLUME}]")
+    @click.option("--volume-repeats", type=positive_int, default=3)
+    @click.option(
+        "--preset",
+        type=click.Choice(("tiny", "small", "paper")),
+        help="random UNet, exported on the fly",
+    )
+    @click.option("--resolution", type=positive_int, help="resolution for --preset [default: 256]")
+    @click.option("--json", "json_path", type=path, help="write the report here")
+    @click.option("--check", is_flag=True, help="exit 1 when a GPU p95 >= 50 ms")
+    @version_option(PROG)
+    def command(**options: Any) -> int:
+        if options["resolution"] and not options["preset"]:
+            raise click.UsageError("--resolution needs --preset")
+        return _main(Namespace(**options))
+
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.resolution and not args.preset:
-        build_parser().error("--resolution needs --preset")
+    """``python bench/latency.py``; exit 2 on bad input, 1 when ``--check`` fails."""
+    from promptseg.cliargs import run_command
+
+    return run_command(_command(), PROG, argv)
+
+
+def _main(args: Namespace) -> int:
     try:
         report = run_benchmark(
             engine=args.engine, checkpoint=args.checkpoint, iters=args.iters,
@@ -776,11 +798,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"latency: error: {_first_line(exc)}", file=sys.stderr)
         return 2
     print(format_table(report))
-    if args.json:
+    if args.json_path:
         from promptseg.data.readers import write_text_atomic
 
-        write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
-        print(f"wrote {args.json}")
+        write_text_atomic(json.dumps(report, indent=2) + "\n", args.json_path)
+        print(f"wrote {args.json_path}")
     if args.check:
         for line in report["check"]["lines"]:
             print(line)

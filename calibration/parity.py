@@ -20,10 +20,10 @@ a graph misses the tolerance (``--no-fail``: report only) and 2 on bad input::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from promptseg.runtime.manifest import sha256_file
 __all__ = ["ROWS", "TOLERANCE", "format_markdown", "main", "run_parity"]
 
 TOLERANCE = 0.005
+PROG = "python -m promptseg.calibration.parity"
 # (row name, backend, precision, file in the engine folder or None for the checkpoint)
 ROWS: tuple[tuple[str, str, str, str | None], ...] = (
     ("pytorch-fp32", "torch", "fp32", None),
@@ -444,29 +445,52 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m promptseg.calibration.parity",
-        description="Dice parity of PyTorch FP32, ONNX Runtime FP32, FP16 and INT8 graphs.",
+def _command() -> Any:
+    """The click command (built on use: click is imported only by the CLI)."""
+    import click
+
+    from promptseg.cliargs import CONTEXT, non_negative_int, positive_int, version_option
+
+    path = click.Path(path_type=Path)
+
+    @click.command(
+        context_settings=CONTEXT,
+        help="Dice parity of PyTorch FP32, ONNX Runtime FP32, FP16 and INT8 graphs.\n\n"
+        "ENGINE_DIR: the engine folder.",
     )
-    p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="engine folder")
-    p.add_argument("--checkpoint", help="checkpoint for the PyTorch row (.pt or 'default')")
-    p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--out", type=Path, default=Path("parity"), help="folder for parity.json/.md")
-    p.add_argument("--max-cases", type=int, default=0, help="cases per dataset (0 = all)")
-    p.add_argument("--datasets", nargs="+", choices=KINDS, help="default: all found")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE)
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-fail", action="store_true", help="exit 0 even when a graph fails")
-    p.add_argument("--progress", action="store_true")
-    return p
+    @click.argument("engine", type=path, metavar="ENGINE_DIR")
+    @click.option("--checkpoint", help="checkpoint for the PyTorch row (.pt or 'default')")
+    @click.option("--data-root", type=path, default=Path("../shared/data"))
+    @click.option("--split", type=click.Choice(("val", "train")), default="val")
+    @click.option("--out", type=path, default=Path("parity"), help="folder for parity.json/.md")
+    @click.option(
+        "--max-cases", type=non_negative_int, default=0, help="cases per dataset (0 = all)"
+    )
+    @click.option(
+        "--datasets", multiple=True, type=click.Choice(KINDS), help="[default: all found]"
+    )
+    @click.option("--tolerance", type=float, default=TOLERANCE)
+    @click.option("--threshold", type=float, default=0.5)
+    @click.option("--batch", type=positive_int, default=16)
+    @click.option("--threads", type=positive_int, default=None)
+    @click.option("--no-fail", is_flag=True, help="exit 0 even when a graph fails")
+    @click.option("--progress", is_flag=True)
+    @version_option(PROG)
+    def command(**options: Any) -> int:
+        options["datasets"] = list(options["datasets"]) or None
+        return _main(Namespace(**options))
+
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python -m promptseg.calibration.parity``; exit 2 on bad input, 1 when a graph fails."""
+    from promptseg.cliargs import run_command
+
+    return run_command(_command(), PROG, argv, multiple=("--datasets",))
+
+
+def _main(args: Namespace) -> int:
     from promptseg.data.readers import InputError
 
     try:

@@ -379,13 +379,14 @@ def _image_graph(state: _State, opset: int) -> None:
 
 def _prompt_path(state: _State, opset: int, prompts_file: Any, quant: str, verify: bool) -> None:
     from promptseg.export.prompt_cache import build_cache, read_prompts_file, save_cache
-    from promptseg.export.refusal import calibrate_refusal
+    from promptseg.export.refusal import calibrate_ambiguity, calibrate_refusal
     from promptseg.export.text_graphs import (
         embed_onnx,
         export_film_generator,
         export_text_encoder,
         session,
     )
+    from promptseg.prompts import prompt_groups
 
     loaded, encoder, out = state.loaded, state.encoder, state.out
     vocab = loaded.vocabulary
@@ -415,18 +416,26 @@ def _prompt_path(state: _State, opset: int, prompts_file: Any, quant: str, verif
     text = _text_encoder_facts(state, te_path, quant, verify)
     atomic_copy(_vocab_file(encoder), out / "vocab.txt")
     label = "int8-quantised " if text["quantized"] != "none" else ""
+    te_session = session(te_path)
     refusal = calibrate_refusal(
         cache,
         vocab,
-        lambda p: embed_onnx(session(te_path), encoder, p),
+        lambda p: embed_onnx(te_session, encoder, p),
         f"{label}text_encoder.onnx",
+    )
+    refusal.update(
+        calibrate_ambiguity(
+            cache, vocab, lambda p: embed_onnx(te_session, encoder, p), refusal["threshold"]
+        )
     )
     state.fields["text_encoder"] = text
     state.fields["prompt_refusal"] = refusal
+    state.fields["prompt_groups"] = prompt_groups(vocab.targets)
     state.progress(
         f"prompt refusal threshold {refusal['threshold']:.4f} "
         f"(balanced accuracy {refusal['balanced_accuracy']:.3f}, "
-        f"{'separable' if refusal['separable'] else 'overlapping'})"
+        f"{'separable' if refusal['separable'] else 'overlapping'}); ambiguity margin "
+        f"{refusal['ambiguity_margin']:.4f}"
     )
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import platform
 from pathlib import Path
 from typing import Any
 
-from promptseg.export.files import atomic_write_json, file_entry
+from promptseg.export.files import ExportError, atomic_write_json, file_entry
+from promptseg.runtime.engine_format import FORMAT, MANIFEST, VERSION, schema_problems
 
-FORMAT = "promptseg-engine"
-VERSION = 1
-MANIFEST = "manifest.json"
 ORIENTATION_DESCRIPTION = (
     "rows: patient right -> left; columns: posterior -> anterior; slices: inferior -> superior"
 )
@@ -66,4 +65,10 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> Path:
     """Write ``manifest.json`` last: ``fields`` plus the ``files`` table of the folder."""
     manifest = {"format": FORMAT, "version": VERSION, "created": now_iso(), **fields}
     manifest["files"] = file_table(folder)
+    problems = schema_problems(json.loads(json.dumps(manifest)))
+    if problems:
+        raise ExportError(
+            f"{folder / MANIFEST}: the manifest breaks docs/engine_format.schema.json: "
+            f"{problems[0]}"
+        )
     return atomic_write_json(folder / MANIFEST, manifest)

@@ -6,9 +6,7 @@ its metadata lists the K prompts and their canonical targets (see docs/engine_fo
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +14,7 @@ import numpy as np
 
 from promptseg.export.files import ExportInputError, atomic_write
 from promptseg.prompts import PromptVocabulary
-
-FORMAT = "promptseg-prompt-cache"
-VERSION = "1"
-
-
-@dataclass
-class PromptCache:
-    """K prompts with their targets, embeddings (K, E) and FiLM vectors (K, P)."""
-
-    prompts: list[str]
-    targets: list[str]
-    embedding: np.ndarray
-    film: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def index(self, prompt: str) -> int:
-        return self.prompts.index(prompt)
+from promptseg.runtime.prompt_resolver import PromptCache
 
 
 def vocabulary_prompts(vocab: PromptVocabulary) -> list[tuple[str, str]]:
@@ -137,7 +117,12 @@ def build_cache(
     film_generator.eval()
     with torch.no_grad():
         film = film_generator(torch.from_numpy(emb)).numpy().astype(np.float32)
-    return PromptCache(prompts, targets, np.ascontiguousarray(emb, np.float32), film)
+    return PromptCache(
+        prompts=prompts,
+        targets=targets,
+        film=film,
+        embedding=np.ascontiguousarray(emb, np.float32),
+    )
 
 
 def _embed(encoder: Any, prompts: list[str], batch: int = 64) -> np.ndarray:
@@ -147,29 +132,4 @@ def _embed(encoder: Any, prompts: list[str], batch: int = 64) -> np.ndarray:
 
 def save_cache(cache: PromptCache, path: str | os.PathLike[str], extra_meta: dict) -> Path:
     """Write ``prompt_cache.safetensors`` atomically with the contract's metadata."""
-    from safetensors.numpy import save_file
-
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "prompts": json.dumps(cache.prompts, ensure_ascii=False),
-        "targets": json.dumps(cache.targets, ensure_ascii=False),
-        "film_dim": str(cache.film.shape[1]),
-        "embed_dim": str(cache.embedding.shape[1]),
-        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in extra_meta.items()},
-    }
-    tensors = {"film": cache.film, "embedding": cache.embedding}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def load_cache(path: str | os.PathLike[str]) -> tuple[PromptCache, dict[str, str]]:
-    """Read a prompt cache back: the cache and its raw metadata."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = dict(fh.metadata() or {})
-        film, emb = fh.get_tensor("film"), fh.get_tensor("embedding")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a prompt cache (format={meta.get('format')!r})")
-    cache = PromptCache(json.loads(meta["prompts"]), json.loads(meta["targets"]), emb, film)
-    return cache, meta
+    return atomic_write(path, lambda tmp: cache.write(tmp, extra_meta))

@@ -6,6 +6,12 @@ of case, spaces and trailing punctuation, is served from the cache anyway).
 Refuse side: :data:`OFF_TARGET`, requests for anatomy or tasks the model was never trained on.
 The threshold is the midpoint of the gap between the two sides, or, where they overlap, the
 middle of the range that maximises balanced accuracy.
+
+The ambiguity margin is chosen the same way on the cosine gap between a prompt's best and
+second-best target (:func:`promptseg.runtime.prompt_resolver.target_scores`): clear side, the
+same held-out and free-form phrasings, each scored without the cached phrasings that share its
+held-out synonym or template (:func:`heldout_phrasings`); ambiguous side,
+:data:`promptseg.prompts.AMBIGUOUS` (prompts naming a kind of target but not which one).
 """
 
 from __future__ import annotations
@@ -16,8 +22,13 @@ from typing import Any
 import numpy as np
 
 from promptseg.export.prompt_cache import PromptCache
-from promptseg.prompts import FREE_FORM, PromptVocabulary
-from promptseg.runtime.prompt_resolver import normalise_prompt
+from promptseg.prompts import AMBIGUOUS, FREE_FORM, PromptVocabulary
+from promptseg.runtime.prompt_resolver import (
+    ambiguity_gap,
+    named_targets,
+    normalise_prompt,
+    target_scores,
+)
 
 OFF_TARGET: tuple[str, ...] = (
     "segment the heart",
@@ -130,4 +141,102 @@ def calibrate_refusal(
         "accepted_wrongly": int((refuse >= threshold).sum()),
         "refused_wrongly": int((accept < threshold).sum()),
         "off_target": list(OFF_TARGET),
+    }
+
+
+def heldout_phrasings(vocab: PromptVocabulary) -> dict[str, tuple[str, set[str]]]:
+    """Each held-out phrasing -> its target and the normalised cache keys sharing its held-out part.
+
+    A phrasing with a held-out synonym leaves out every cached phrasing of that synonym, one
+    with a held-out template every cached phrasing of that template (and itself in any case),
+    so that it is scored as the new wording a user would type, not against its siblings.
+    """
+    templates = vocab.templates + vocab.heldout_templates
+    synonyms = {t: vocab.synonyms[t] + vocab.heldout_synonyms.get(t, []) for t in vocab.targets}
+    every = [s for t in vocab.targets for s in synonyms[t]]
+    out: dict[str, tuple[str, set[str]]] = {}
+    for target in vocab.targets:
+        for synonym in synonyms[target]:
+            for template in templates:
+                new_synonym = synonym in vocab.heldout_synonyms.get(target, [])
+                new_template = template in vocab.heldout_templates
+                if not (new_synonym or new_template):
+                    continue
+                keys = {normalise_prompt(template.format(x=synonym))}
+                if new_synonym:
+                    keys |= {normalise_prompt(t.format(x=synonym)) for t in templates}
+                if new_template:
+                    keys |= {normalise_prompt(template.format(x=s)) for s in every}
+                out.setdefault(template.format(x=synonym), (target, set()))[1].update(keys)
+    return out
+
+
+def calibrate_ambiguity(
+    cache: PromptCache,
+    vocab: PromptVocabulary,
+    embed: Callable[[list[str]], np.ndarray],
+    refusal_threshold: float,
+) -> dict[str, Any]:
+    """The manifest's ``prompt_refusal.ambiguity_margin`` and how it was chosen.
+
+    Only prompts the refusal threshold accepts and that name no target word for word count
+    (the others never reach the check).
+
+    Args:
+        cache: The prompt cache (torch embeddings, as shipped).
+        vocab: The checkpoint's vocabulary (held-out phrasings).
+        embed: Query embedding function, the shipped ``text_encoder.onnx``: prompts -> (N, E).
+        refusal_threshold: The calibrated refusal threshold.
+    """
+    clear = {p: (t, keys) for p, (t, keys) in heldout_phrasings(vocab).items()}
+    for target in vocab.targets:
+        for prompt in FREE_FORM.get(target, []):
+            clear.setdefault(prompt, (target, {normalise_prompt(prompt)}))
+    unit = cache.embedding / np.linalg.norm(cache.embedding, axis=1, keepdims=True)
+    keys = np.array([normalise_prompt(p) for p in cache.prompts])
+
+    def scored(prompts: list[str]) -> list[tuple[str, float, str]]:
+        """(prompt, gap, best target) of the prompts the refusal threshold accepts."""
+        out = []
+        prompts = [p for p in prompts if not named_targets(p, list(vocab.targets))]
+        for prompt in prompts:
+            e = embed([prompt])[0]  # one at a time, as the runtime embeds (batches pad)
+            left_out = clear.get(prompt, ("", {normalise_prompt(prompt)}))[1]
+            skip = np.isin(keys, sorted(left_out))
+            scores = target_scores(unit, cache.targets, e, prompt, skip=skip)
+            if scores and scores[0][1] >= refusal_threshold:
+                out.append((prompt, ambiguity_gap(scores), scores[0][0]))
+        return out
+
+    named = scored(list(clear))
+    right = [(p, g) for p, g, t in named if t == clear[p][0]]
+    wrong = [(p, g) for p, g, t in named if t != clear[p][0]]
+    vague = [(p, g) for p, g, _ in scored(list(AMBIGUOUS))]
+    flag = wrong + vague
+    passing = np.array([g for _, g in right])
+    flagging = np.array([g for _, g in flag])
+    margin, balanced, separable = choose_threshold(passing, flagging)
+    return {
+        "ambiguity_margin": margin,
+        "ambiguity": {
+            "metric": "cosine gap between the best and the second-best target",
+            "how": (
+                f"pass side: {len(right)} held-out + free-form phrasings whose nearest target is "
+                f"theirs, each scored without the cached phrasings sharing its held-out synonym "
+                f"or template (min {passing.min():.3f}, median {np.median(passing):.3f}); flag "
+                f"side: {len(vague)} prompts naming no single target and {len(wrong)} phrasings "
+                f"whose nearest target is another (median {np.median(flagging):.3f}, max "
+                f"{flagging.max():.3f}); margin = "
+                + ("midpoint of the gap" if separable else "middle of the best balanced range")
+                + f"; balanced accuracy {balanced:.3f}; ambiguous when the gap is below"
+            ),
+            "separable": separable,
+            "balanced_accuracy": balanced,
+            "pass": _summary(passing),
+            "flag": _summary(flagging),
+            "passed_wrongly": [p for p, g in flag if g >= margin],
+            "flagged_wrongly": [p for p, g in right if g < margin],
+            "ambiguous_prompts": [p for p, _ in vague],
+            "misresolved_prompts": [p for p, _ in wrong],
+        },
     }

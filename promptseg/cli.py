@@ -6,125 +6,28 @@ Commands import their heavy modules (torch among them) only when they run, so ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from promptseg.cliargs import OneLineParser, non_negative_int, positive_int
+import click
+
+from promptseg.cliargs import CONTEXT, non_negative_int, positive_int, run_command, version_option
 from promptseg.data.datasets import KINDS
-from promptseg.runtime.serve import add_serve_parser, cmd_serve
-from promptseg.studies.command import add_study_parser
+from promptseg.studies.command import study_options
+
+PROG = "promptseg"
+# Options that take several values (``--datasets a b``), as they did under argparse.
+MULTIPLE = ("--datasets", "--presets")
+PATH = click.Path(path_type=Path)
+CHECKPOINT_HELP = ".\n\nCHECKPOINT: a .pt checkpoint or 'default' (the packaged model)."
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model on the shared datasets")
-    p.add_argument("--config", type=Path, help="JSON or YAML file of TrainConfig fields")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--data-root", dest="data_root")
-    p.add_argument("--out")
-    p.add_argument("--preset", choices=["default", "small", "paper", "tiny"])
-    p.add_argument("--fusion", choices=["concat", "film", "film+cbn"])
-    p.add_argument("--se", type=_bool)
-    p.add_argument("--cbam", type=_bool)
-    p.add_argument("--loss", help="loss name or weighted sum, e.g. dice_bce or 'dice+0.5*boundary'")
-    p.add_argument("--datasets", nargs="+", choices=KINDS)
-    p.add_argument("--total-samples", dest="total_samples", type=positive_int)
-    p.add_argument("--batch", type=positive_int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--threads", type=positive_int)
-    p.add_argument("--resolution", type=non_negative_int, help="0: the preset's")
-    p.add_argument("--eval-every-samples", dest="eval_every_samples", type=positive_int)
-    p.add_argument("--compile", type=_bool, help="torch.compile the training step")
-    p.add_argument(
-        "--stop-after-minutes",
-        type=float,
-        default=0.0,
-        help="save the state and stop after this wall time (continue with --resume)",
-    )
-    p.add_argument("--encoder", help="'minilm' (default) or a local BERT-family folder")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-
-
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset folder")
-    p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
-    p.add_argument("--data", required=True, type=Path, help="folder in the dataset's layout")
-    p.add_argument("--dataset", required=True, choices=KINDS)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--split", choices=["train", "val"], help="only this documented split")
-    p.add_argument(
-        "--prompt-set",
-        default="canonical",
-        choices=["canonical", "train", "heldout"],
-        help="which phrasings to prompt with",
-    )
-    p.add_argument("--batch", type=positive_int, default=16)
-    p.add_argument("--threads", type=positive_int, default=2)
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument(
-        "--postprocess",
-        choices=["none", "largest"],
-        default="none",
-        help="'largest': keep the largest 3D component of organ masks in volumes",
-    )
-
-
-def _add_calibrate_presence(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "calibrate-presence",
-        help="choose each target's presence threshold on the tune split; store it in the checkpoint",
-    )
-    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint (rewritten in place)")
-    p.add_argument("--data-root", dest="data_root", type=Path, default=Path("../shared/data"))
-    p.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNG")
-    p.add_argument("--datasets", nargs="+", choices=KINDS)
-
-
-def cmd_calibrate_presence(args: argparse.Namespace) -> int:
-    from promptseg.presence import calibrate_checkpoint
-
-    report = calibrate_checkpoint(args.checkpoint, args.data_root, args.out, args.datasets)
-    for target, row in report["targets"].items():
-        print(
-            f"{target:18s} tau {row['tau']:.2f}  J {row['youden_j']}  (+{row['positives']} / -{row['negatives']})"
-        )
-    print(f"wrote {args.out / 'presence_calibration.json'} and presence_calibration.png")
-    return 0
-
-
-def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="parameters and FLOPs per preset")
-    p.add_argument("--presets", nargs="+", default=["small", "paper"])
-
-
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="Markdown tables from evaluate output folders")
-    p.add_argument("eval_dirs", nargs="+", type=Path)
-
-
-def _add_render(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="PNG of masks over a volume: 3D views + axial overlay")
-    p.add_argument("volume", type=Path, help="the scan (NIfTI, DICOM folder or MRC)")
-    p.add_argument("masks", nargs="+", type=Path, help="one label map, or one file per mask")
-    p.add_argument("-o", "--out", required=True, type=Path, help="the .png to write")
-    p.add_argument("--labels", type=Path, help="JSON naming the label values (default: sidecar)")
-    p.add_argument("--title", help="figure title (default: the volume's file name)")
-
-
-def cmd_render(args: argparse.Namespace) -> int:
+def cmd_render(args: Namespace) -> int:
     from promptseg.render import render
 
     try:
@@ -137,20 +40,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_grids(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("grids", help="best/median/worst overlay grids per target and dataset")
-    p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
-    p.add_argument("--data-root", required=True, type=Path, help="the shared data folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for grid_<dataset>.png")
-    p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument(
-        "--max-cases", type=non_negative_int, default=0, help="first N cases only (0: all)"
-    )
-    p.add_argument("--threads", type=positive_int, default=1)
-
-
-def cmd_grids(args: argparse.Namespace) -> int:
+def cmd_grids(args: Namespace) -> int:
     from promptseg.grids import write_grids
 
     write_grids(
@@ -165,35 +55,13 @@ def cmd_grids(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_robustness(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("robustness", help="prompt robustness on the validation splits")
-    p.add_argument("checkpoint", help="a .pt checkpoint or 'default' (the packaged model)")
-    p.add_argument("--data-root", required=True, type=Path, help="the shared data folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for results.json, report.md")
-    p.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument(
-        "--max-cases", type=non_negative_int, default=0, help="first N cases per dataset (0: all)"
-    )
-    p.add_argument(
-        "--phrasings", type=positive_int, default=3, help="train/held-out phrasings per case"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--free-form",
-        type=Path,
-        help="JSON of free-form prompts (default: the packaged promptseg/data/free_form.json)",
-    )
-    p.add_argument("--engine", type=Path, help="engine folder for refusal (default: packaged)")
-    p.add_argument("--threads", type=positive_int, default=1)
-
-
-def cmd_robustness(args: argparse.Namespace) -> int:
+def cmd_robustness(args: Namespace) -> int:
     from promptseg.robustness import main_args
 
     return main_args(args)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: Namespace) -> int:
     from promptseg.report import summary_table
 
     print(summary_table(args.eval_dirs), end="")
@@ -247,7 +115,7 @@ def _check_types(values: dict, source: Path | None) -> None:
             raise ValueError(f"{where}option {f.name!r} must be {f.type}, got {values[f.name]!r}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: Namespace) -> int:
     from promptseg.train import TrainConfig, train
 
     values = _load_config_file(args.config) if args.config else {}
@@ -264,7 +132,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_calibrate_presence(args: Namespace) -> int:
+    from promptseg.presence import calibrate_checkpoint
+
+    report = calibrate_checkpoint(args.checkpoint, args.data_root, args.out, args.datasets)
+    for target, row in report["targets"].items():
+        print(
+            f"{target:18s} tau {row['tau']:.2f}  J {row['youden_j']}  "
+            f"(+{row['positives']} / -{row['negatives']})"
+        )
+    print(f"wrote {args.out / 'presence_calibration.json'} and presence_calibration.png")
+    return 0
+
+
+def cmd_serve(args: Namespace) -> int:
+    from promptseg.runtime.serve import cmd_serve as run
+
+    return run(args)
+
+
+def cmd_evaluate(args: Namespace) -> int:
     from promptseg.evaluate import evaluate
 
     summary = evaluate(
@@ -288,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: Namespace) -> int:
     from promptseg.model.unet import UNet, count_flops, count_parameters, preset_config
 
     for name in args.presets:
@@ -302,44 +189,214 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def cmd_study(args: Namespace) -> int:
     from promptseg.studies.command import cmd_study as run
 
     return run(args)
 
 
+# --------------------------------------------------------------------------- click commands
+
+
+def _handler(run: Callable[[Namespace], int]) -> Callable[..., int]:
+    """A click callback that hands its options to an argparse-style handler."""
+
+    def callback(**options: Any) -> int:
+        for name, value in options.items():
+            if isinstance(value, tuple):
+                options[name] = list(value) or None
+        try:
+            return run(Namespace(**options))
+        except (FileNotFoundError, ValueError) as exc:
+            command = click.get_current_context().command_path
+            print(f"{command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return callback
+
+
+def _datasets(default: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--datasets",
+        multiple=True,
+        type=click.Choice(KINDS),
+        default=list(KINDS) if default else None,
+        help="datasets (several values allowed)",
+    )
+
+
+@click.group(context_settings=CONTEXT, help=__doc__)
+@version_option(PROG)
+def cli() -> None:
+    """The ``promptseg`` command group."""
+
+
+@cli.command("train", help="train a model on the shared datasets")
+@click.option("--config", type=PATH, help="JSON or YAML file of TrainConfig fields")
+@click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
+@click.option("--data-root", "data_root")
+@click.option("--out")
+@click.option("--preset", type=click.Choice(["default", "small", "paper", "tiny"]))
+@click.option("--fusion", type=click.Choice(["concat", "film", "film+cbn"]))
+@click.option("--se", type=click.BOOL)
+@click.option("--cbam", type=click.BOOL)
+@click.option("--loss", help="loss name or weighted sum, e.g. dice_bce or 'dice+0.5*boundary'")
+@_datasets(default=False)
+@click.option("--total-samples", "total_samples", type=positive_int, help="schedule length")
+@click.option("--batch", type=positive_int)
+@click.option("--lr", type=float)
+@click.option("--weight-decay", "weight_decay", type=float)
+@click.option("--seed", type=int)
+@click.option("--device")
+@click.option("--threads", type=positive_int)
+@click.option("--resolution", type=non_negative_int, help="0: the preset's")
+@click.option("--eval-every-samples", "eval_every_samples", type=positive_int)
+@click.option("--compile", type=click.BOOL, help="torch.compile the training step")
+@click.option(
+    "--stop-after-minutes",
+    "stop_after_minutes",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="save the state and stop after this wall time (continue with --resume); 0: run on",
+)
+@click.option("--encoder", help="'minilm' (default) or a local BERT-family folder")
+@click.option("--no-progress", "progress", flag_value=False, default=None, help="no progress bar")
+def train_command(**options: Any) -> int:
+    return _handler(cmd_train)(**options)
+
+
+@cli.command("study", help="loss study, ablation, cross-modality (config-driven)")
+@study_options
+def study_command(**options: Any) -> int:
+    return _handler(cmd_study)(**options)
+
+
+@cli.command("evaluate", help="evaluate a checkpoint on a dataset folder" + CHECKPOINT_HELP)
+@click.argument("checkpoint")
+@click.option("--data", required=True, type=PATH, help="folder in the dataset's layout")
+@click.option("--dataset", required=True, type=click.Choice(KINDS))
+@click.option("--out", required=True, type=PATH)
+@click.option("--split", type=click.Choice(["train", "val"]), help="only this documented split")
+@click.option(
+    "--prompt-set",
+    "prompt_set",
+    default="canonical",
+    type=click.Choice(["canonical", "train", "heldout"]),
+    help="which phrasings to prompt with",
+)
+@click.option("--batch", type=positive_int, default=16)
+@click.option("--threads", type=positive_int, default=2)
+@click.option("--threshold", type=float, default=0.5)
+@click.option(
+    "--postprocess",
+    type=click.Choice(["none", "largest"]),
+    default="none",
+    help="'largest': keep the largest 3D component of organ masks in volumes",
+)
+def evaluate_command(**options: Any) -> int:
+    return _handler(cmd_evaluate)(**options)
+
+
+@cli.command(
+    "calibrate-presence",
+    help="choose each target's presence threshold on the tune split and store it in the "
+    "checkpoint.\n\nCHECKPOINT: a .pt checkpoint (rewritten in place).",
+)
+@click.argument("checkpoint", type=PATH)
+@click.option("--data-root", "data_root", type=PATH, default=Path("../shared/data"))
+@click.option("--out", required=True, type=PATH, help="folder for the JSON and PNG")
+@_datasets(default=False)
+def calibrate_presence_command(**options: Any) -> int:
+    return _handler(cmd_calibrate_presence)(**options)
+
+
+@cli.command("serve", help="serve an engine with NVIDIA Triton Inference Server (PyTriton)")
+@click.option("--engine", type=PATH, help="engine folder [default: the packaged engine]")
+@click.option("--host", default="127.0.0.1", help="address to listen on")
+@click.option("--http-port", "http_port", type=click.IntRange(0, 65535), default=8000)
+@click.option("--grpc-port", "grpc_port", type=click.IntRange(0, 65535), default=8001)
+@click.option("--metrics-port", "metrics_port", type=click.IntRange(0, 65535), default=8002)
+@click.option("--max-batch", "max_batch", type=positive_int, default=64, help="slices per batch")
+@click.option("--instances", type=positive_int, default=1, help="engine instances")
+@click.option("--backend", default="auto", help="engine backend (as promptseg-run)")
+@click.option("--precision", default=None, help="image graph precision (as promptseg-run)")
+@click.option("--threads", type=positive_int, default=None, help="ONNX Runtime threads per engine")
+def serve_command(**options: Any) -> int:
+    return _handler(cmd_serve)(**options)
+
+
+@cli.command("info", help="parameters and FLOPs per preset")
+@click.option("--presets", multiple=True, default=["small", "paper"], help="preset names")
+def info_command(**options: Any) -> int:
+    return _handler(cmd_info)(**options)
+
+
+@cli.command("report", help="Markdown tables from evaluate output folders")
+@click.argument("eval_dirs", nargs=-1, required=True, type=PATH)
+def report_command(**options: Any) -> int:
+    return _handler(cmd_report)(**options)
+
+
+@cli.command(
+    "render",
+    help="PNG of masks over a volume: 3D views + axial overlay.\n\nVOLUME: the scan (NIfTI, "
+    "DICOM folder or MRC); MASKS: one label map, or one file per mask.",
+)
+@click.argument("volume", type=PATH)
+@click.argument("masks", nargs=-1, required=True, type=PATH)
+@click.option("-o", "--out", required=True, type=PATH, help="the .png to write")
+@click.option("--labels", type=PATH, help="JSON naming the label values [default: sidecar]")
+@click.option("--title", help="figure title [default: the volume's file name]")
+def render_command(**options: Any) -> int:
+    return _handler(cmd_render)(**options)
+
+
+@cli.command(
+    "grids", help="best/median/worst overlay grids per target and dataset" + CHECKPOINT_HELP
+)
+@click.argument("checkpoint")
+@click.option("--data-root", "data_root", required=True, type=PATH, help="the shared data folder")
+@click.option("--out", required=True, type=PATH, help="folder for grid_<dataset>.png")
+@_datasets(default=True)
+@click.option("--split", default="val", type=click.Choice(["train", "val"]))
+@click.option(
+    "--max-cases", "max_cases", type=non_negative_int, default=0, help="first N cases (0: all)"
+)
+@click.option("--threads", type=positive_int, default=1)
+def grids_command(**options: Any) -> int:
+    return _handler(cmd_grids)(**options)
+
+
+@cli.command("robustness", help="prompt robustness on the validation splits" + CHECKPOINT_HELP)
+@click.argument("checkpoint")
+@click.option("--data-root", "data_root", required=True, type=PATH, help="the shared data folder")
+@click.option("--out", required=True, type=PATH, help="folder for results.json, report.md")
+@_datasets(default=True)
+@click.option(
+    "--max-cases",
+    "max_cases",
+    type=non_negative_int,
+    default=0,
+    help="first N cases per dataset (0: all)",
+)
+@click.option("--phrasings", type=positive_int, default=3, help="train/held-out phrasings per case")
+@click.option("--seed", type=int, default=0)
+@click.option(
+    "--free-form",
+    "free_form",
+    type=PATH,
+    help="JSON of free-form prompts [default: the packaged promptseg/data/free_form.json]",
+)
+@click.option("--engine", type=PATH, help="engine folder for refusal [default: packaged]")
+@click.option("--threads", type=positive_int, default=1)
+def robustness_command(**options: Any) -> int:
+    return _handler(cmd_robustness)(**options)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="promptseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    _add_train(sub)
-    add_study_parser(sub)
-    _add_evaluate(sub)
-    _add_calibrate_presence(sub)
-    _add_info(sub)
-    _add_report(sub)
-    _add_render(sub)
-    _add_grids(sub)
-    _add_robustness(sub)
-    add_serve_parser(sub)
-    args = parser.parse_args(argv)
-    handlers = {
-        "train": cmd_train,
-        "evaluate": cmd_evaluate,
-        "calibrate-presence": cmd_calibrate_presence,
-        "info": cmd_info,
-        "report": cmd_report,
-        "render": cmd_render,
-        "grids": cmd_grids,
-        "study": cmd_study,
-        "robustness": cmd_robustness,
-        "serve": cmd_serve,
-    }
-    try:
-        return handlers[args.command](args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"promptseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    """Run ``promptseg``; returns the exit status (2: bad input, one line on stderr)."""
+    return run_command(cli, PROG, argv, multiple=MULTIPLE)
 
 
 if __name__ == "__main__":

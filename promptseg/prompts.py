@@ -90,6 +90,75 @@ FREE_FORM: dict[str, list[str]] = {
 }
 
 
+# Group prompts: one prompt that names several targets, segmented as one label per member.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "kidneys": ("left kidney", "right kidney"),
+    "abdominal organs": ("liver", "spleen", "left kidney", "right kidney"),
+}
+
+GROUP_SYNONYMS: dict[str, list[str]] = {
+    "kidneys": [
+        "kidneys",
+        "both kidneys",
+        "the kidneys",
+        "left and right kidney",
+        "left and right kidneys",
+        "right and left kidney",
+        "right and left kidneys",
+        "bilateral kidneys",
+    ],
+    "abdominal organs": [
+        "abdominal organs",
+        "the abdominal organs",
+        "all abdominal organs",
+        "all organs",
+        "organs",
+        "abdominal viscera",
+    ],
+}
+
+# Prompts that name a kind of target but not which one (calibration of the ambiguity margin,
+# never trained on): each should be answered with the list of candidate targets.
+AMBIGUOUS: tuple[str, ...] = (
+    "tumor",
+    "tumour",
+    "the tumour",
+    "a tumour",
+    "segment the tumor",
+    "outline the tumour",
+    "find the tumor",
+    "lesion",
+    "the lesion",
+    "neoplasm",
+    "cancer",
+    "brain tumour",
+    "kidney",
+    "the kidney",
+    "segment the kidney",
+    "kidney organ",
+    "renal parenchyma",
+    "organ",
+)
+
+
+def prompt_groups(
+    targets: tuple[str, ...] | list[str] = TARGETS,
+) -> dict[str, dict[str, list[str]]]:
+    """The groups whose members are all in ``targets``: name -> {"members", "phrasings"}.
+
+    Phrasings are the group's name and synonyms in every train and held-out template (the
+    manifest's ``prompt_groups``; the runtime matches them after normalisation).
+    """
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, members in GROUPS.items():
+        if not set(members) <= set(targets):
+            continue
+        synonyms = list(dict.fromkeys([name, *GROUP_SYNONYMS.get(name, [])]))
+        phrasings = [t.format(x=s) for s in synonyms for t in TEMPLATES + HELDOUT_TEMPLATES]
+        out[name] = {"members": list(members), "phrasings": list(dict.fromkeys(phrasings))}
+    return out
+
+
 @dataclass(frozen=True)
 class PromptVocabulary:
     """Targets with their synonyms and templates; travels inside every checkpoint."""

@@ -12,140 +12,137 @@ exit code 2, and writes nothing. Set ``PROMPTSEG_DEBUG=1`` to get tracebacks of 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from promptseg.cliargs import OneLineParser, positive_int
+import click
+
+from promptseg.cliargs import CONTEXT, positive_int, run_command, version_option
 from promptseg.data.readers import InputError
+from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.prompts import GROUPS, TARGETS
 from promptseg.runtime.api import run
 from promptseg.runtime.dicom_seg import OUTPUT_FORMATS
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
 from promptseg.runtime.pipeline import MODALITY_CHOICES
 
 PROG = "promptseg-run"
+_GROUP_LIST = "; ".join(f"{name} = {' + '.join(members)}" for name, members in GROUPS.items())
+EPILOG = (
+    f"Known targets (packaged engine): {', '.join(TARGETS)}. Group prompts give one label per "
+    f"member: {_GROUP_LIST}. A prompt between several targets (e.g. 'tumor') is refused as "
+    "ambiguous with the candidates."
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog=PROG,
-        description="Segment medical images from text prompts with an exported promptseg engine "
-        "(no PyTorch needed).",
-    )
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="NIfTI file, DICOM series folder (or a .dcm inside it), MRC volume or 2-D image "
-        "(PNG/JPEG/TIFF; assumed to be in the training orientation)",
-    )
-    p.add_argument(
-        "--prompt",
-        action="append",
-        required=True,
-        metavar="TEXT",
-        help="what to segment, e.g. 'liver'; repeat for a label map 1..K",
-    )
-    p.add_argument(
-        "-o",
-        "--output",
-        metavar="OUT",
-        help="output file for one input (default <stem>_mask.nii.gz / _mask.png beside it); "
-        "a folder for several inputs",
-    )
-    p.add_argument(
-        "--engine", metavar="DIR", help="engine folder from promptseg-export (default: packaged)"
-    )
-    p.add_argument(
-        "--backend", default="auto", metavar="|".join(BACKENDS), help="inference backend"
-    )
-    p.add_argument(
-        "--precision", default=None, metavar="|".join(PRECISIONS), help="image graph precision"
-    )
-    p.add_argument("--batch", type=int, default=16, metavar="N", help="slices per engine call")
-    p.add_argument(
-        "--threshold", type=float, default=0.5, metavar="T", help="probability threshold"
-    )
-    p.add_argument(
-        "--modality",
-        default="auto",
-        metavar="|".join(MODALITY_CHOICES),
-        help="intensity rule; auto: the DICOM Modality tag, else CT when the minimum is below -500 "
-        "and the values look like HU (min >= -3100, max <= 32767), else MR; 8-bit 2-D images /255",
-    )
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="write a JSON summary")
-    p.add_argument("--volume", type=int, default=None, metavar="N", help="volume of a 4-D NIfTI")
-    p.add_argument("--series", default=None, metavar="UID", help="SeriesInstanceUID to read")
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="ONNX Runtime intra-op threads (a positive integer; default: ONNX Runtime's choice)",
-    )
-    p.add_argument(
-        "--render",
-        metavar="PNG",
-        help="also draw a picture of the masks (3-D views + axial overlay) to this .png; "
-        "one volume input; needs pip install 'promptseg[render]'",
-    )
-    p.add_argument(
-        "--postprocess",
-        default="largest",
-        metavar="largest|none",
-        help="largest (default): keep the largest 3-D connected component of each organ "
-        "(liver, spleen, each kidney) in a volume; none: keep every component",
-    )
-    p.add_argument(
-        "--output-format",
-        default="auto",
-        metavar="|".join(OUTPUT_FORMATS),
-        help="dicom-seg: a DICOM Segmentation per DICOM series input (one segment per prompt); "
-        "auto: DICOM SEG when -o ends in .dcm, else NIfTI/PNG",
-    )
-    p.add_argument(
-        "--server",
-        metavar="HOST:PORT",
-        help="segment on a 'promptseg serve' server (its HTTP port) instead of locally; "
-        "writes the same outputs",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
-    return p
+@click.command(
+    context_settings=CONTEXT,
+    epilog=EPILOG,
+    help="Segment medical images from text prompts with an exported promptseg engine "
+    "(no PyTorch needed).\n\nINPUT: NIfTI file, DICOM series folder (or a .dcm inside it), MRC "
+    "volume or 2-D image (PNG/JPEG/TIFF; assumed to be in the training orientation).",
+)
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    required=True,
+    metavar="TEXT",
+    help="what to segment, e.g. 'liver' or 'kidneys'; repeat for a label map 1..K",
+)
+@click.option(
+    "-o",
+    "--output",
+    metavar="OUT",
+    help="output file for one input (default <stem>_mask.nii.gz / _mask.png beside it); "
+    "a folder for several inputs",
+)
+@click.option(
+    "--engine", metavar="DIR", help="engine folder from promptseg-export [default: packaged]"
+)
+@click.option("--backend", default="auto", metavar="|".join(BACKENDS), help="inference backend")
+@click.option(
+    "--precision", default=None, metavar="|".join(PRECISIONS), help="image graph precision"
+)
+@click.option("--batch", type=int, default=16, metavar="N", help="slices per engine call")
+@click.option("--threshold", type=float, default=0.5, metavar="T", help="probability threshold")
+@click.option(
+    "--modality",
+    default="auto",
+    metavar="|".join(MODALITY_CHOICES),
+    help="intensity rule; auto: the DICOM Modality tag, else CT when the minimum is below -500 "
+    "and the values look like HU (min >= -3100, max <= 32767), else MR; 8-bit 2-D images /255",
+)
+@click.option("--json", "json_path", metavar="FILE", help="write a JSON summary")
+@click.option("--volume", type=int, default=None, metavar="N", help="volume of a 4-D NIfTI")
+@click.option("--series", default=None, metavar="UID", help="SeriesInstanceUID to read")
+@click.option(
+    "--threads",
+    type=positive_int,
+    default=None,
+    metavar="N",
+    help="ONNX Runtime intra-op threads (a positive integer) [default: ONNX Runtime's choice]",
+)
+@click.option(
+    "--render",
+    metavar="PNG",
+    help="also draw a picture of the masks (3-D views + axial overlay) to this .png; "
+    "one volume input; needs pip install 'promptseg[render]'",
+)
+@click.option(
+    "--postprocess",
+    default="largest",
+    metavar="|".join(POSTPROCESS_MODES),
+    help="largest: keep the largest 3-D connected component of each organ "
+    "(liver, spleen, each kidney) in a volume, after overlaps are settled; none: keep all",
+)
+@click.option(
+    "--output-format",
+    "output_format",
+    default="auto",
+    metavar="|".join(OUTPUT_FORMATS),
+    help="dicom-seg: a DICOM Segmentation per DICOM series input (one segment per prompt); "
+    "auto: DICOM SEG when -o ends in .dcm, else NIfTI/PNG",
+)
+@click.option(
+    "--server",
+    metavar="HOST:PORT",
+    help="segment on a 'promptseg serve' server (its HTTP port) instead of locally; "
+    "writes the same outputs",
+)
+@click.option("--quiet", is_flag=True, help="no progress bar, no 'wrote' lines")
+@version_option(PROG)
+def command(**options: object) -> int:
+    """``promptseg-run`` (see the module docstring)."""
+    return _run(options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
-    args = build_parser().parse_args(argv)
+    return run_command(command, PROG, argv)
+
+
+def _run(args: dict) -> int:
+    quiet = bool(args.pop("quiet"))
 
     def log(line: str) -> None:
         if line.startswith("warning:"):
             print(f"{PROG}: {line}", file=sys.stderr)
-        elif not args.quiet:
+        elif not quiet:
             print(line)
 
     try:
-        if args.server is not None:
-            return _run_on_server(args, log)
+        server = args.pop("server")
+        if server is not None:
+            return _run_on_server(args, server, log)
         run(
-            args.inputs,
-            args.prompt,
-            output=args.output,
-            engine=args.engine,
-            backend=args.backend,
-            precision=args.precision,
-            batch=args.batch,
-            threshold=args.threshold,
-            modality=args.modality,
-            json_path=args.json_path,
-            volume=args.volume,
-            series=args.series,
-            threads=args.threads,
-            progress=not args.quiet,
+            list(args.pop("inputs")),
+            list(args.pop("prompts")),
+            **args,
+            progress=not quiet,
             log=log,
-            render=args.render,
-            postprocess=args.postprocess,
-            output_format=args.output_format,
         )
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -166,26 +163,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_on_server(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+def _run_on_server(args: dict, server: str, log: Callable[[str], None]) -> int:
     from promptseg.runtime.remote import check_local_only, run_remote
 
     check_local_only(
-        **{"--engine": args.engine, "--precision": args.precision, "--render": args.render},
-        **{"--threads": args.threads, "--backend": None if args.backend == "auto" else 1},
+        **{"--engine": args["engine"], "--precision": args["precision"]},
+        **{"--render": args["render"], "--threads": args["threads"]},
+        **{"--backend": None if args["backend"] == "auto" else 1},
     )
     run_remote(
-        args.inputs,
-        args.prompt,
-        args.server,
-        args.output,
-        batch=args.batch,
-        threshold=args.threshold,
-        modality=args.modality,
-        json_path=args.json_path,
-        volume=args.volume,
-        series=args.series,
-        postprocess=args.postprocess,
-        output_format=args.output_format,
+        list(args["inputs"]),
+        list(args["prompts"]),
+        server,
+        args["output"],
+        batch=args["batch"],
+        threshold=args["threshold"],
+        modality=args["modality"],
+        json_path=args["json_path"],
+        volume=args["volume"],
+        series=args["series"],
+        postprocess=args["postprocess"],
+        output_format=args["output_format"],
         log=log,
     )
     return 0

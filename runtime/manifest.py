@@ -22,31 +22,18 @@ import numpy as np
 
 from promptseg.data.readers import InputError, PathLike
 from promptseg.preprocess import Preprocessing
+from promptseg.runtime.engine_format import (
+    FORMAT,
+    INPUT_NAMES,
+    MANIFEST,
+    OPTIONAL_OUTPUT_NAMES,
+    OUTPUT_NAMES,
+    REQUIRED_FILES,
+    REQUIRED_KEYS,
+    VERSION,
+    schema_problems,
+)
 
-FORMAT = "promptseg-engine"
-VERSION = 1
-MANIFEST = "manifest.json"
-REQUIRED_FILES = (
-    "model.onnx",
-    "prompt_cache.safetensors",
-    "text_encoder.onnx",
-    "vocab.txt",
-    "film_generator.onnx",
-)
-REQUIRED_KEYS = (
-    "resolution",
-    "inputs",
-    "outputs",
-    "film_dim",
-    "embed_dim",
-    "preprocessing",
-    "orientation",
-    "targets",
-    "text_encoder",
-    "prompt_refusal",
-    "graphs",
-    "files",
-)
 DEFAULT_ENGINE_DIR = Path(__file__).with_name("default_engine")
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -151,13 +138,17 @@ class EngineFolder:
             raise InputError(
                 manifest_path, f"invalid inputs/outputs/preprocessing ({exc})"
             ) from exc
-        names = [s.name for s in inputs]
-        out_names = [s.name for s in outputs]
-        if names != ["image", "film"] or out_names not in (["logits"], ["logits", "presence"]):
+        names, out_names = [s.name for s in inputs], [s.name for s in outputs]
+        expected_out = list(OUTPUT_NAMES)
+        if (
+            names != list(INPUT_NAMES)
+            or out_names[:1] != expected_out
+            or not set(out_names[1:]) <= set(OPTIONAL_OUTPUT_NAMES)
+        ):
             raise InputError(
                 manifest_path,
-                f"graph I/O {names} -> {out_names}; expected "
-                "['image', 'film'] -> ['logits', 'presence'] (or ['logits'] before presence)",
+                f"graph I/O {names} -> {out_names}; expected {list(INPUT_NAMES)} -> "
+                f"{expected_out} (optionally also {list(OPTIONAL_OUTPUT_NAMES)})",
             )
         digest = hashlib.sha256(raw).hexdigest()
         return cls(folder, manifest, digest, inputs, outputs, pre, verify_hashes)
@@ -206,6 +197,17 @@ class EngineFolder:
     def refusal_threshold(self) -> float:
         return float(self.manifest["prompt_refusal"]["threshold"])
 
+    @property
+    def ambiguity_margin(self) -> float | None:
+        """Cosine margin under which two targets are equally close to a prompt (None: unset)."""
+        value = self.manifest["prompt_refusal"].get("ambiguity_margin")
+        return None if value is None else float(value)
+
+    @property
+    def prompt_groups(self) -> dict[str, dict[str, list[str]]] | None:
+        """Group prompts: name -> {"members", "phrasings"} (None: the manifest has none)."""
+        return self.manifest.get("prompt_groups")
+
     def graph(self, precision: str) -> Path:
         """The image graph for a precision ("fp32", "fp16", "int8"), hash-checked (:meth:`file`).
 
@@ -248,6 +250,11 @@ def _check_manifest(path: Path, manifest: Any) -> None:
     absent = [f for f in REQUIRED_FILES if f not in manifest["files"]]
     if absent:
         raise InputError(path, f"'files' does not list {absent}; the export is incomplete")
+    problems = schema_problems(manifest)
+    if problems:
+        raise InputError(
+            path, f"breaks the engine format (docs/engine_format.schema.json): {problems[0]}"
+        )
 
 
 def _check_files(folder: Path, manifest_path: Path, files: dict[str, Any]) -> None:

@@ -11,13 +11,13 @@ Steps (docs/engine_format.md, "Using it"):
    of its logit exceeds the threshold. Sigmoid is monotonic, so this is computed as
    ``logit >= logit_cutoff(threshold)`` (:func:`logit_cutoff`, same result bit for bit) and the
    sigmoid is only evaluated where several prompts are on.
-5. Post-processing (``postprocess="largest"``, the default): in a volume, each single-organ
+5. With several prompts, each voxel takes the label (1..K) of the most probable prompt whose
+   mask is on there; equal probabilities go to the lower label (:class:`LabelVotes`).
+6. Post-processing (``postprocess="largest"``, the default): in a volume, each single-organ
    target (liver, spleen, either kidney) keeps only the largest 3D connected component of its
-   own mask (:mod:`promptseg.postprocess`, as ``promptseg evaluate`` does); tumour masks are
-   never reduced.
-6. With several prompts, each voxel takes the label (1..K) of the most probable prompt whose
-   post-processed mask is on there; equal probabilities go to the lower label
-   (:class:`LabelVotes`).
+   label (:mod:`promptseg.postprocess`, as ``promptseg evaluate`` does); tumour masks are
+   never reduced. Settling overlaps first means a neighbour's voxels never cut an organ into
+   pieces that this step would then drop.
 7. The label map goes back to the input orientation.
 
 Modality ``auto``: a DICOM series uses its Modality tag (CT or MR). Otherwise a volume is CT
@@ -116,7 +116,7 @@ def _resolve(
         elif resolver is None:
             raise ValueError("string prompts need a PromptResolver; got resolver=None")
         else:
-            out.append(resolver.resolve(p))
+            out.extend(resolver.expand(p))
     if not out:
         raise InputError("--prompt", "no prompt given; expected at least one --prompt TEXT")
     if len(out) > 255:
@@ -257,27 +257,22 @@ class LabelVotes:
     def labels(self, reduce: Collection[int] = ()) -> np.ndarray:
         """The merged uint8 (Z, H, W) label map.
 
-        Each label in ``reduce`` first keeps only the largest 3D connected component of its own
-        mask; then every voxel where several masks are still on takes the most probable prompt
-        (the lower label on equal probabilities).
+        Every voxel where several masks are on first takes the most probable prompt (the lower
+        label on equal probabilities); then each label in ``reduce`` keeps only the largest 3D
+        connected component of its share of the map (the rest becomes background), so no
+        organ comes out in pieces because a neighbour won some of its voxels.
         """
         index, label, logit = self.overlaps()
         out = self.first.copy()
-        keep = np.ones(index.size, dtype=bool)
-        for k in reduce:
-            mask = self.first == k
-            mask.ravel()[index[label == k]] = True
-            dropped = mask & ~largest_component(mask)
-            out[dropped] = 0
-            keep &= ~((label == k) & dropped.ravel()[index])
         if index.size:
-            out.ravel()[index] = 0
-            idx, lab, prob = index[keep], label[keep], sigmoid(logit[keep])
-            order = np.lexsort((lab, -prob, idx))  # by voxel, most probable first, lower label
-            idx, lab = idx[order], lab[order]
+            order = np.lexsort((label, -sigmoid(logit), index))  # by voxel, most probable first
+            idx, lab = index[order], label[order]
             best = np.ones(idx.size, dtype=bool)
             best[1:] = idx[1:] != idx[:-1]
             out.ravel()[idx[best]] = lab[best]
+        for k in reduce:
+            mask = out == k
+            out[mask & ~largest_component(mask)] = 0
         return out
 
 
@@ -320,8 +315,8 @@ def segment(
         axcodes: Training orientation of (rows, columns, slices).
         progress: Called with the number of slices finished after every batch.
         postprocess: "largest" keeps the largest 3D connected component of each single-organ
-            target (liver, spleen, each kidney) in a volume, per prompt before the prompts
-            compete for voxels; "none" keeps every component.
+            target (liver, spleen, each kidney) in a volume, after the prompts have
+            competed for voxels; "none" keeps every component.
 
     Returns:
         The :class:`SegmentationResult`; an all-constant input gives an empty mask and a warning.

@@ -379,20 +379,6 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
         triton.stop()
 
 
-def add_serve_parser(sub: Any) -> None:
-    """The ``promptseg serve`` subcommand (argparse)."""
-    p = sub.add_parser("serve", help="serve an engine with NVIDIA Triton (PyTriton)")
-    p.add_argument("--engine", metavar="DIR", help="engine folder (default: packaged)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    for name, port in DEFAULT_PORTS.items():
-        p.add_argument(f"--{name}-port", type=int, default=port, metavar="PORT")
-    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="slices per batch")
-    p.add_argument("--instances", type=int, default=1, metavar="N", help="engines (instances)")
-    p.add_argument("--backend", default="auto", help="engine backend (as promptseg-run)")
-    p.add_argument("--precision", default=None, help="image graph precision (as promptseg-run)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT threads/engine")
-
-
 def cmd_serve(args: Any) -> int:
     """Run ``promptseg serve`` until interrupted."""
     opts = ServeOptions(

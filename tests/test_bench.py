@@ -155,7 +155,7 @@ def test_latency_script_rejects_bad_options(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "iters >= 1" in proc.stderr
+    assert "--iters: must be an integer >= 1" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -449,3 +449,16 @@ def test_inspect_matches_python_on_real_export(cpp_build, tiny_checkpoint, tmp_p
     # The seeded FiLM heads are non-trivial, so different targets get different vectors.
     liver, spleen = report["lookups"][0]["values"], report["lookups"][1]["values"]
     assert liver != spleen
+
+
+def test_inspect_follows_the_engine_format_schema(cpp_build, tmp_path):
+    """The C++ host accepts what docs/engine_format.schema.json allows and refuses the rest."""
+    from test_engine_format import engine_copy, engine_variants
+
+    for name, (manifest, allowed) in engine_variants().items():
+        folder = engine_copy(tmp_path / name, manifest)
+        result = _inspect(cpp_build, folder)
+        if allowed:
+            assert result.returncode == 0, (name, result.stderr)
+        else:
+            _assert_one_line_error(result, "manifest.json")

@@ -23,9 +23,11 @@ torch = pytest.importorskip("torch")
 from promptseg.export import ExportError, ExportInputError, export_model  # noqa: E402
 from promptseg.export.fp16 import audit_fp16, audit_fp32, convert_fp16, tidy_casts  # noqa: E402
 from promptseg.export.image_graph import fold_batchnorm, rewrite_attention  # noqa: E402
-from promptseg.export.prompt_cache import load_cache, read_prompts_file  # noqa: E402
+from promptseg.export.prompt_cache import read_prompts_file  # noqa: E402
 from promptseg.export.refusal import choose_threshold  # noqa: E402
+from promptseg.runtime.engine_format import schema_problems  # noqa: E402
 from promptseg.runtime.manifest import sha256_file  # noqa: E402
+from promptseg.runtime.prompt_resolver import PromptCache  # noqa: E402
 
 CONTRACT_FILES = (
     "model.onnx",
@@ -143,6 +145,9 @@ def test_manifest_has_every_contract_field(exported, tiny_checkpoint, loaded):
     for key in MANIFEST_KEYS:
         assert key in m, key
     assert (m["format"], m["version"], m["opset"]) == ("promptseg-engine", 1, 17)
+    assert schema_problems(m) == []  # docs/engine_format.schema.json
+    assert 0 < m["prompt_refusal"]["ambiguity_margin"] < 1
+    assert m["prompt_groups"]["kidneys"]["members"] == ["left kidney", "right kidney"]
     assert m["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     assert m["resolution"] == loaded.config.resolution == 32
     assert m["film_dim"] == loaded.model.unet.film_dim
@@ -210,7 +215,7 @@ def test_image_graph_io_metadata_and_no_batchnorm(exported, loaded, fname):
 
 @pytest.mark.slow
 def test_onnx_runtime_matches_torch_across_batches_and_prompts(exported, loaded, slices):
-    cache, _ = load_cache(exported["out"] / "prompt_cache.safetensors")
+    cache = PromptCache.load(exported["out"] / "prompt_cache.safetensors")
     fp32 = _session(exported["out"] / "model.onnx")
     fp16 = _session(exported["out"] / "model.fp16.onnx")
     unet = loaded.model.unet.eval()
@@ -240,7 +245,7 @@ def test_onnx_runtime_matches_torch_across_batches_and_prompts(exported, loaded,
 
 @pytest.mark.slow
 def test_different_prompts_give_different_logits(exported, slices):
-    cache, _ = load_cache(exported["out"] / "prompt_cache.safetensors")
+    cache = PromptCache.load(exported["out"] / "prompt_cache.safetensors")
     sess = _session(exported["out"] / "model.onnx")
     outs = []
     for prompt in PARITY_PROMPTS:
@@ -253,7 +258,8 @@ def test_different_prompts_give_different_logits(exported, slices):
 
 @pytest.mark.slow
 def test_prompt_cache_rows_equal_torch_film_generator(exported, loaded, text_encoder):
-    cache, meta = load_cache(exported["out"] / "prompt_cache.safetensors")
+    cache = PromptCache.load(exported["out"] / "prompt_cache.safetensors")
+    meta = cache.meta
     m = exported["manifest"]
     assert (meta["format"], meta["version"]) == ("promptseg-prompt-cache", "1")
     assert (int(meta["film_dim"]), int(meta["embed_dim"])) == (m["film_dim"], m["embed_dim"])
@@ -327,7 +333,7 @@ def test_refusal_threshold_separates_on_and_off_target(exported, text_encoder):
     assert ref["median"] < t < acc["median"]
     if refusal["separable"]:
         assert ref["max"] < t < acc["min"]
-    cache, _ = load_cache(exported["out"] / "prompt_cache.safetensors")
+    cache = PromptCache.load(exported["out"] / "prompt_cache.safetensors")
     sess = _session(exported["out"] / "text_encoder.onnx")
     queries = ["kindly outline the liver", "what is the weather"]
     tokens = text_encoder.tokenize(queries)
@@ -686,7 +692,6 @@ def test_tidy_casts_resolves_chained_round_trips():
 
 
 def test_refusal_leaves_out_what_the_runtime_serves_from_the_cache():
-    from promptseg.export.prompt_cache import PromptCache
     from promptseg.export.refusal import nearest_cosine
 
     cache = PromptCache(
@@ -707,7 +712,7 @@ def test_trailing_punctuation_resolves_to_the_cached_entry(exported):
     from promptseg.runtime.prompt_resolver import PromptResolver, normalise_prompt
 
     resolver = PromptResolver(exported["out"], threads=1)
-    cache, _ = load_cache(exported["out"] / "prompt_cache.safetensors")
+    cache = PromptCache.load(exported["out"] / "prompt_cache.safetensors")
     for prompt in ("Segment the liver.", "segment the liver!", "Where is the liver"):
         assert prompt not in cache.prompts
         got = resolver.resolve(prompt)

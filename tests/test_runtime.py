@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from promptseg.data.readers import InputError, Volume, read_volume
 from promptseg.preprocess import normalize, resize_bilinear
@@ -612,19 +613,19 @@ def test_logit_cutoff_is_the_sigmoid_threshold_exactly() -> None:
 
 
 def _reference_labels(logits: np.ndarray, threshold: float, reduce: list[int]) -> np.ndarray:
-    """The rule spelled out on full arrays: sigmoid, threshold, reduce, most probable wins."""
+    """The rule spelled out on full arrays: sigmoid, threshold, most probable wins, reduce."""
     from promptseg.postprocess import largest_component
     from promptseg.preprocess import sigmoid
 
     prob = sigmoid(logits)
     on = prob > threshold
-    for k in reduce:
-        on[k - 1] = largest_component(on[k - 1])
     out = np.zeros(logits.shape[1:], np.uint8)
     best = np.zeros(logits.shape[1:], np.float32)
     for k in range(len(logits)):
         win = on[k] & (prob[k] > best)  # strictly greater: ties keep the lower label
         out[win], best[win] = k + 1, prob[k][win]
+    for k in reduce:
+        out[(out == k) & ~largest_component(out == k)] = 0
     return out
 
 
@@ -636,8 +637,8 @@ def _votes(logits: np.ndarray, threshold: float, batch: int) -> LabelVotes:
     return votes
 
 
-def test_label_votes_keep_an_organ_split_by_another_prompt() -> None:
-    """The spleen band cuts the liver bar in two: the liver keeps both sides, a stray blob goes."""
+def test_label_votes_settle_overlaps_before_keeping_one_piece() -> None:
+    """The spleen band cuts the liver bar in two: the liver keeps its larger side only."""
     liver = np.full((4, 12, 12), -5.0, np.float32)
     liver[:, 2:10, 1:11] = 3.0  # one connected bar
     liver[0:2, 11, 11] = 3.0  # a stray blob, not touching the bar
@@ -645,12 +646,14 @@ def test_label_votes_keep_an_organ_split_by_another_prompt() -> None:
     spleen[:, :, 4:7] = 6.0  # a band across the bar, more probable than the liver there
     spleen[3, 11, 0:2] = 6.0  # a stray blob of its own
     labels = _votes(np.stack([liver, spleen]), 0.5, batch=3).labels([1, 2])
-    assert np.all(labels[:, 2:10, 1:4] == 1) and np.all(labels[:, 2:10, 7:11] == 1)
+    assert np.all(labels[:, 2:10, 1:4] == 0) and np.all(labels[:, 2:10, 7:11] == 1)
     assert np.all(labels[:, :, 4:7] == 2)
+    for k in (1, 2):  # one piece each
+        assert ndimage.label(labels == k, structure=np.ones((3, 3, 3)))[1] == 1
     assert labels[0, 11, 11] == 0 and labels[3, 11, 0] == 0
-    # Without post-processing the blobs stay.
+    # Without post-processing both sides and the blobs stay.
     kept = _votes(np.stack([liver, spleen]), 0.5, batch=4).labels([])
-    assert kept[0, 11, 11] == 1 and kept[3, 11, 0] == 2
+    assert kept[0, 11, 11] == 1 and kept[3, 11, 0] == 2 and np.all(kept[:, 2:10, 1:4] == 1)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -152,6 +152,23 @@ void check_dim(const Fields& f, const TensorSpec& spec, const std::string& field
 }
 
 void check_io(const Fields& f, const Manifest& m) {
+  // Names and order as docs/engine_format.schema.json: image, film -> logits[, presence].
+  static const char* kInputs[] = {"image", "film"};
+  if (m.inputs.size() != 2) {
+    f.fail("inputs", "expected [image, film], got " + std::to_string(m.inputs.size()) +
+                         " inputs");
+  }
+  for (std::size_t i = 0; i < 2; ++i) {
+    if (m.inputs[i].name != kInputs[i]) {
+      f.fail("inputs[" + std::to_string(i) + "].name",
+             std::string("expected \"") + kInputs[i] + "\", got \"" + m.inputs[i].name + "\"");
+    }
+  }
+  if (m.outputs.size() > 2 || m.outputs[0].name != "logits" ||
+      (m.outputs.size() == 2 && m.outputs[1].name != "presence")) {
+    f.fail("outputs", "expected [logits] or [logits, presence], got \"" + m.outputs[0].name +
+                          "\" first and " + std::to_string(m.outputs.size()) + " outputs");
+  }
   for (std::size_t i = 0; i < m.inputs.size(); ++i) {
     const TensorSpec& spec = m.inputs[i];
     std::string at = "inputs[" + std::to_string(i) + "]";

@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
-import argparse
+from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import click
 
 from promptseg.cliargs import positive_int
-from promptseg.studies import CACHE  # torch-free: this module only builds the parser
+from promptseg.studies import CACHE  # torch-free: this module only declares the options
 
 
-def add_study_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="loss study, ablation, cross-modality (config-driven)")
-    p.add_argument("action", choices=["run", "report"], help="run trainings, or write reports")
-    p.add_argument("configs", nargs="+", type=Path, help="study config JSON files")
-    p.add_argument(
-        "--workers", type=positive_int, default=1, help="parallel runs (one thread each)"
-    )
-    p.add_argument("--data-root", dest="data_root", default=None, help="for run: the data folder")
-    p.add_argument("--cache", type=Path, default=CACHE, help="banks, embeddings and run results")
-    p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+def study_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The click arguments and options of ``promptseg study``."""
+    path = click.Path(path_type=Path)
+    for decorator in reversed(
+        [
+            click.argument("action", type=click.Choice(["run", "report"])),
+            click.argument("configs", nargs=-1, required=True, type=path),
+            click.option(
+                "--workers", type=positive_int, default=1, help="parallel runs (one thread each)"
+            ),
+            click.option("--data-root", "data_root", default=None, help="for run: the data folder"),
+            click.option(
+                "--cache", type=path, default=CACHE, help="banks, embeddings and run results"
+            ),
+            click.option("--device", default="cpu", help="torch device for training, e.g. cuda"),
+            click.option(
+                "--no-progress", "progress", flag_value=False, default=True, show_default=False
+            ),
+        ]
+    ):
+        command = decorator(command)
+    return command
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def cmd_study(args: Namespace) -> int:
     from promptseg.studies.runner import run_all
     from promptseg.studies.spec import StudyConfig
 
