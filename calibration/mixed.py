@@ -38,7 +38,6 @@ reason for each.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,15 +73,9 @@ class _Session:
     """An ONNX Runtime CPU session behind the runtime's ``infer`` contract."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from promptseg.runtime.ort_engine import env_threads, ort_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads=threads or env_threads())
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"logits": self.session.run(["logits"], inputs)[0]}

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 
 from promptseg.cliargs import OneLineParser, positive_int
-from promptseg.data.readers import InputError
 from promptseg.runtime.api import run
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
+from promptseg.runtime.errors import InputError
 from promptseg.runtime.pipeline import MODALITY_CHOICES
 
 PROG = "promptseg-run"

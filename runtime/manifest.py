@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.readers import InputError, PathLike
 from promptseg.preprocess import Preprocessing
+from promptseg.runtime.errors import InputError, PathLike
 
 FORMAT = "promptseg-engine"
 VERSION = 1
