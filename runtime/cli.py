@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from promptseg.cliargs import OneLineParser, positive_int
 from promptseg.runtime.api import run
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
-from promptseg.runtime.errors import InputError
+from promptseg.runtime.errors import InputError, first_line
 from promptseg.runtime.pipeline import MODALITY_CHOICES
 
 PROG = "promptseg-run"
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line unless debugging
         if os.environ.get("PROMPTSEG_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, default="")
         print(
             f"{PROG}: error: internal error: {type(exc).__name__}: {first} "
             "(set PROMPTSEG_DEBUG=1 for a traceback)",

@@ -236,12 +236,28 @@ def read_nifti(path: PathLike, volume_index: int | None = None) -> Volume:
     """
     p = _check_file(path, "a NIfTI volume")
     img, arr = _load_nifti(p)
-    arr = _pick_volume(p, arr, volume_index)
+    return nifti_volume(img, path, volume_index, arr)
+
+
+def nifti_volume(
+    img: Any, source: PathLike, volume_index: int | None = None, arr: np.ndarray | None = None
+) -> Volume:
+    """A :class:`Volume` of an in-memory nibabel NIfTI image (checked like :func:`read_nifti`).
+
+    Args:
+        img: A nibabel ``Nifti1Image`` (or ``Nifti2Image``).
+        source: What to name in messages and ``Volume.source``.
+        volume_index: Volume of a 4-D image.
+        arr: The image's voxel array when already read (default: ``img.dataobj``).
+    """
+    if arr is None:
+        arr = np.asanyarray(img.dataobj)
+    arr = _pick_volume(Path(source), arr, volume_index)
     data = np.asarray(arr, dtype=np.float32)
-    _check_finite(path, data)
+    _check_finite(source, data)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(path, "invalid voxel-to-world affine (singular or non-finite)")
+        raise InputError(source, "invalid voxel-to-world affine (singular or non-finite)")
     nib = _import_optional("nibabel")
     meta = {
         "nifti_header": img.header,
@@ -250,7 +266,7 @@ def read_nifti(path: PathLike, volume_index: int | None = None) -> Volume:
         "volume_index": volume_index,
         "orientation_known": _nifti_orientation_known(img.header),
     }
-    return Volume(data, affine, _spacing_from_affine(affine), str(path), "nifti", meta)
+    return Volume(data, affine, _spacing_from_affine(affine), str(source), "nifti", meta)
 
 
 def _nifti_orientation_known(header: Any) -> bool:
