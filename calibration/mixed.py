@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.preprocess import Preprocessing, normalize
+from promptseg.preprocess import Preprocessing
 
 __all__ = [
     "ProxyCase",
@@ -99,12 +99,15 @@ def ort_session(path: str | Path, threads: int | None = None) -> _Session:
 
 @dataclass
 class ProxyCase:
-    """One proxy case: normalised slices (Z, H, W) and the masks of its present targets."""
+    """One proxy case: raw slices (Z, H, W), their modality and the masks of its present
+    targets (a :class:`~promptseg.data.datasets.Case` with fewer fields)."""
 
     case_id: str
     dataset: str
-    slices: np.ndarray
+    image: np.ndarray
+    modality: str
     masks: dict[str, np.ndarray]
+    is_volume: bool = True
 
 
 @dataclass
@@ -113,6 +116,7 @@ class ProxySet:
 
     cases: list[ProxyCase]
     meta: dict = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def summary(self) -> dict:
         datasets: dict[str, int] = {}
@@ -121,7 +125,7 @@ class ProxySet:
             datasets[case.dataset] = datasets.get(case.dataset, 0) + 1
             for t in case.masks:
                 targets[t] = targets.get(t, 0) + 1
-        inferences = sum(c.slices.shape[0] * len(c.masks) for c in self.cases)
+        inferences = sum(c.image.shape[0] * len(c.masks) for c in self.cases)
         return {
             "split": "train",
             "datasets": datasets,
@@ -209,8 +213,11 @@ def build_proxy_set(
     for case in raw:
         masks = {t: m for t, m in case.masks.items() if t in wanted and m.any()}
         if masks:
-            slices = normalize(case.image, case.modality, preprocessing)
-            cases.append(ProxyCase(case.case_id, case.dataset, slices, masks))
+            cases.append(
+                ProxyCase(
+                    case.case_id, case.dataset, case.image, case.modality, masks, case.is_volume
+                )
+            )
     return ProxySet(
         cases,
         {
@@ -221,6 +228,7 @@ def build_proxy_set(
             "slice), canonical prompts, threshold 0.5, against ONNX Runtime FP32",
             "case_ids": [c.case_id for c in cases],
         },
+        preprocessing,
     )
 
 
@@ -233,16 +241,18 @@ def proxy_dice(
     batch: int = 16,
     threshold: float = 0.5,
 ) -> dict[str, list[float]]:
-    """Dice per case of each target, through the parity check's predictor (resize, sigmoid)."""
-    from promptseg.calibration.parity import _dice, engine_predictor
+    """Dice per case of each target, through the parity check's path (promptseg-run's)."""
+    from promptseg.calibration.parity import _dice
+    from promptseg.cases import segment_case
 
-    predict = engine_predictor(engine, films, resolution, batch)
     out: dict[str, list[float]] = {}
     for case in proxy.cases:
         targets = list(case.masks)
-        probs = predict(case.slices, targets)
+        masks = segment_case(engine, case, [films[t] for t in targets], targets,
+                             proxy.preprocessing, batch=batch, threshold=threshold,
+                             resolution=resolution).masks  # fmt: skip
         for k, t in enumerate(targets):
-            out.setdefault(t, []).append(_dice(probs[k] > threshold, case.masks[t]))
+            out.setdefault(t, []).append(_dice(masks[k], case.masks[t]))
     return out
 
 
