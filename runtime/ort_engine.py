@@ -11,7 +11,7 @@ import numpy as np
 
 from promptseg.runtime.engine_base import PRECISIONS, BackendError, Engine, open_folder
 from promptseg.runtime.errors import InputError, PathLike, first_line
-from promptseg.runtime.manifest import EngineFolder
+from promptseg.runtime.manifest import EngineFolder, TensorSpec
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -171,9 +171,45 @@ class OrtEngine(Engine):
             )
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [s.name for s in self.outputs]
-        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        return dict(zip(names, self.session.run(names, feed)))
+        return _run_session(self.session, [s.name for s in self.outputs], inputs)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _run_session(
+    session: Any, names: list[str], inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    feed = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+    return dict(zip(names, session.run(names, feed)))
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class SessionEngine(Engine):
+    """An open ONNX Runtime session behind the engine contract (graphs outside an engine folder,
+    e.g. during export); tensor specs come from the session's own inputs and outputs."""
+
+    def __init__(self, session: Any, source: str = "") -> None:
+        def specs(args: Any) -> list[TensorSpec]:
+            return [
+                TensorSpec(
+                    a.name,
+                    tuple(d if isinstance(d, int) else str(d or "N") for d in a.shape),
+                    np.dtype(_ORT_DTYPES.get(a.type, np.float32)),
+                )
+                for a in args
+            ]
+
+        super().__init__(specs(session.get_inputs()), specs(session.get_outputs()))
+        self.session = session
+        self.providers = list(session.get_providers())
+        self.backend = "ort-session"
+        self.source = source
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _run_session(self.session, [s.name for s in self.outputs], inputs)
 
     def close(self) -> None:
         self.session = None
