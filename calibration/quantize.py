@@ -53,7 +53,6 @@ tensorrt-10x-to-11x-python-api-reference.html). The graph written here is the sa
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import tempfile
 import time
@@ -69,6 +68,7 @@ from promptseg.calibration.data import (
     resolve_calibration,
 )
 from promptseg.preprocess import Preprocessing
+from promptseg.runtime.writers import atomic_write
 
 __all__ = ["METHODS", "count_qdq", "modelopt_quantize", "quantize_int8"]
 
@@ -391,18 +391,12 @@ def quantize_int8(
                 proxy_cases=proxy_cases, threads=threads, progress=progress,
             )  # fmt: skip
             excluded += kept
-        fd, partial = tempfile.mkstemp(
-            prefix=f".{out_path.stem}.", suffix=".onnx", dir=out_path.parent
-        )
-        os.close(fd)
-        try:
-            build(None, excluded, Path(partial))
-            onnx.checker.check_model(partial)
-            os.chmod(partial, 0o644)  # mkstemp creates 0600
-            os.replace(partial, out_path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+
+        def write(partial: Path) -> None:
+            build(None, excluded, partial)
+            onnx.checker.check_model(str(partial))
+
+        atomic_write(out_path, write)
     counts = count_qdq(out_path)
     if counts["quantize_linear"] == 0 or counts["nodes_quantized"] == 0:
         raise RuntimeError(f"{out_path}: quantize_static inserted no Q/DQ nodes into {fp32_onnx}")

@@ -27,6 +27,7 @@ from promptseg.model.text import DEFAULT_ENCODER, TextEncoder
 from promptseg.model.unet import PromptSegModel, preset_config
 from promptseg.preprocess import Preprocessing
 from promptseg.prompts import PromptVocabulary
+from promptseg.runtime.writers import atomic_write, write_figure_atomic, write_json_atomic
 
 # Geometric policy per dataset: brain images may flip freely; the LiTS crop's orientation is
 # unknown (any of the 8 dihedral orientations); CHAOS/BTCV keep the left/right convention.
@@ -257,16 +258,12 @@ def plot_history(history: list[dict], path: Path) -> None:
     ax[1].set(xlabel="epoch", ylim=(0, 1), title="validation")
     ax[1].legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_json_atomic(obj, path, default=str)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -410,9 +407,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "epochs": cfg.epochs,
             "config": asdict(cfg),  # checked on --resume
         }
-        tmp = last_path.with_name(".last.pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(last_path)
+        atomic_write(last_path, lambda tmp, state=state: torch.save(state, tmp))
         _write_json({"history": history, "best_score": best_score}, out / "metrics.json")
         plot_history(history, out / "loss_curve.png")
     print(f"trained {time.time() - started:.0f}s; best checkpoint {best_path}")

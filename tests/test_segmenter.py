@@ -117,7 +117,8 @@ def test_parity_path_agrees_with_the_cli_to_the_voxel(data_root, tmp_path: Path)
     try:
         row = next(r for r in rows if r.name == "onnxruntime-fp32")
         case = next(
-            c for c in iter_cases("chaos-mr", data_root / "chaos-mr-t2spir", "val")
+            c
+            for c in iter_cases("chaos-mr", data_root / "chaos-mr-t2spir", "val")
             if c.case_id == "chaos/1"
         )
         for postprocess in ("largest", "none"):
