@@ -68,6 +68,7 @@ from promptseg.calibration.data import (
     resolve_calibration,
 )
 from promptseg.preprocess import Preprocessing
+from promptseg.runtime.errors import first_line
 from promptseg.runtime.writers import atomic_write
 
 __all__ = ["METHODS", "count_qdq", "modelopt_quantize", "quantize_int8"]
@@ -232,7 +233,7 @@ def _pre_process(src: Path, dst: Path) -> str | None:
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
     except Exception as exc:  # noqa: BLE001 - optional step; report and go on
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         return f"quant_pre_process failed, quantising the graph as exported ({first})"
     return None
 

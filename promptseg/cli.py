@@ -14,6 +14,7 @@ from pathlib import Path
 
 from promptseg.cliargs import OneLineParser, non_negative_int, positive_int
 from promptseg.data.datasets import KINDS
+from promptseg.runtime.errors import first_line
 from promptseg.studies.command import add_study_parser
 
 
@@ -100,7 +101,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     try:
         info = render(args.volume, args.masks, args.out, labels_json=args.labels, title=args.title)
     except ImportError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from exc
+        raise ValueError(first_line(exc)) from exc
     if info["empty"]:
         print(f"promptseg render: warning: empty: {', '.join(info['empty'])}", file=sys.stderr)
     print(f"wrote {info['path']}")

@@ -21,7 +21,7 @@ import numpy as np
 import promptseg
 from promptseg.data.readers import Volume
 from promptseg.runtime.engines import Engine
-from promptseg.runtime.errors import InputError, PathLike
+from promptseg.runtime.errors import InputError, PathLike, first_line
 from promptseg.runtime.io import (
     Image2D,
     _probe_writable,
@@ -293,7 +293,7 @@ def _check_render(
     try:
         pictures.check_available()
     except ImportError as exc:
-        raise InputError("--render", str(exc).splitlines()[0]) from exc
+        raise InputError("--render", first_line(exc)) from exc
 
 
 def _summary(

@@ -33,7 +33,7 @@ from promptseg.runtime.engine_base import (  # noqa: F401 - the contract, re-exp
     has_presence,
     open_folder,
 )
-from promptseg.runtime.errors import PathLike
+from promptseg.runtime.errors import PathLike, first_line
 from promptseg.runtime.manifest import EngineFolder, IntegrityError
 from promptseg.runtime.ort_engine import PROVIDER_ALIASES, OrtEngine, ort_session  # noqa: F401
 from promptseg.runtime.torch_engine import TorchEngine
@@ -125,9 +125,7 @@ def select_backend(
         except IntegrityError:
             raise  # a corrupted engine folder is bad input, not a reason to fall back
         except Exception as exc:  # noqa: BLE001 - auto falls back to ONNX Runtime
-            why = (
-                f"TensorRT failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            )
+            why = f"TensorRT failed ({first_line(exc)})"
     notes = [f"tensorrt skipped: {why}"]
     import onnxruntime as ort
 

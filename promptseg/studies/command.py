@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from promptseg.cliargs import positive_int
+from promptseg.runtime.errors import first_line
 from promptseg.studies import CACHE  # torch-free: this module only builds the parser
 
 
@@ -50,6 +51,6 @@ def _check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError as exc:
-        raise ValueError(f"--device {device!r}: {str(exc).splitlines()[0]}") from exc
+        raise ValueError(f"--device {device!r}: {first_line(exc)}") from exc
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: no CUDA device is available")
