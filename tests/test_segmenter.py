@@ -134,3 +134,70 @@ def test_parity_path_agrees_with_the_cli_to_the_voxel(data_root, tmp_path: Path)
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_presence_gate_empties_the_slices_below_tau(tiny_checkpoint) -> None:
+    """A UNet whose forward returns (mask, presence): TorchEngine outputs ``presence`` and the
+    slice path empties exactly the slices whose presence probability is below tau."""
+    torch = pytest.importorskip("torch")
+    from promptseg.checkpoint import load_checkpoint
+    from promptseg.data.readers import read_volume
+    from promptseg.preprocess import sigmoid
+    from promptseg.runtime.slices import segment_slices
+    from promptseg.runtime.torch_engine import TorchEngine
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    unet = loaded.model.unet
+
+    class WithPresence(torch.nn.Module):
+        """The UNet plus a presence logit: each slice's highest mask logit."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config, self.film_dim = unet, unet.config, unet.film_dim
+
+        def forward(self, image, film):
+            mask = self.inner(image, film)
+            return mask, mask.amax(dim=(2, 3))
+
+    plain, gated = TorchEngine.from_unet(unet), TorchEngine.from_unet(WithPresence())
+    assert [s.name for s in plain.outputs] == ["logits"]
+    assert [s.name for s in gated.outputs] == ["logits", "presence"]
+    slices = read_volume(EXAMPLE).data.transpose(2, 0, 1)[10:22]
+    with torch.no_grad():
+        film = loaded.model.film(loaded.embedding(loaded.vocabulary.canonical("liver"))[None])
+    films = [film[0].numpy()]
+    run = dict(batch=len(slices))  # one batch, as the presence reference below
+    ref = segment_slices(
+        plain, slices, films, loaded.preprocessing, "mr", probabilities=True, **run
+    )
+    threshold = float(np.median(ref.probabilities))  # masks on about half of the pixels
+    ref = segment_slices(
+        plain, slices, films, loaded.preprocessing, "mr", threshold=threshold, **run
+    )
+    off = segment_slices(
+        gated, slices, films, loaded.preprocessing, "mr", threshold=threshold, **run
+    )
+    np.testing.assert_array_equal(off.masks, ref.masks)  # no tau: no gate
+    presence = sigmoid(gated.infer(_inputs(slices, films[0], loaded))["presence"][:, 0])
+    tau = float(np.median(presence))
+    on = segment_slices(gated, slices, films, loaded.preprocessing, "mr", threshold=threshold,
+                        presence_thresholds=[tau], **run)  # fmt: skip
+    below = presence < tau
+    assert 0 < below.sum() < len(slices) and ref.masks[0][below].any()
+    assert not on.masks[0][below].any()
+    np.testing.assert_array_equal(on.masks[0][~below], ref.masks[0][~below])
+    report = on.presence[0]
+    assert report.slices_gated == int(below.sum()) and report.threshold == tau
+    assert report.max_probability == pytest.approx(float(presence.max()))
+    assert off.presence[0].slices_gated == 0 and off.presence[0].max_probability is not None
+    assert ref.presence[0].max_probability is None
+
+
+def _inputs(slices: np.ndarray, film: np.ndarray, loaded) -> dict[str, np.ndarray]:
+    """Model inputs of all slices, prepared as the slice path does."""
+    from promptseg.preprocess import normalize, resize_bilinear
+
+    res = loaded.config.resolution
+    image = resize_bilinear(normalize(slices, "mr", loaded.preprocessing), (res, res))[:, None]
+    return {"image": image, "film": np.repeat(film[None], len(slices), 0).astype(np.float32)}
