@@ -4,8 +4,15 @@ Imports and runs with numpy, nibabel, pydicom, onnxruntime, scipy, pillow, safet
 tqdm only (the package's required dependencies); TensorRT and PyTorch are imported lazily by the
 engines that need them.
 
-    >>> from promptseg.runtime import run
+    >>> from promptseg.runtime import Segmenter, run
+    >>> Segmenter()("image_1.nii.gz", ["liver"]).labels  # doctest: +SKIP
     >>> run(["image_1.nii.gz"], ["liver"], output="liver.nii.gz")  # doctest: +SKIP
+
+Public names are imported on first use (``promptseg.runtime.<name>``); the modules are
+``errors`` and ``writers`` (one error type, atomic writes), ``engine_base`` / ``ort_engine`` /
+``trt_engine`` / ``torch_engine`` / ``engines`` (backends), ``slices`` (the one slice path),
+``pipeline`` (orientation, label map), ``segmenter`` (the in-memory API) and ``api`` / ``cli``
+(``promptseg-run``).
 """
 
 from __future__ import annotations

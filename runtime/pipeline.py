@@ -1,4 +1,4 @@
-"""Segment one volume or 2-D image with one engine: orientation, label map, statistics (numpy only).
+"""Segment one volume or 2-D image: orientation, label map and statistics (numpy only).
 
 The slices go through the one slice path, :func:`promptseg.runtime.slices.segment_slices`.
 
@@ -9,11 +9,12 @@ Steps (docs/engine_format.md, "Using it"):
 2. Intensities are normalised with the training arithmetic (:func:`promptseg.preprocess.normalize`)
    using bounds computed once over the whole volume, then each slice is resized to R x R.
 3. Slices go through the engine in batches, the prompt's FiLM vector repeated per slice.
-4. Logits are resized to the input grid (bilinear); a voxel is on for a prompt where the sigmoid
-   of its logit exceeds the threshold and the slice passed the presence gate (engines with a
-   ``presence`` output, tau per target from the manifest's ``presence_thresholds``). Sigmoid is monotonic, so this is computed as
-   ``logit >= logit_cutoff(threshold)`` (:func:`logit_cutoff`, same result bit for bit) and the
-   sigmoid is only evaluated where several prompts are on.
+4. Logits are resized to the input grid (bilinear); a voxel is on for a prompt where the
+   sigmoid of its logit exceeds the threshold and its slice passed the presence gate (engines
+   with a ``presence`` output; tau per target from the manifest's ``presence_thresholds``).
+   Sigmoid is monotonic, so this is computed as ``logit >= logit_cutoff(threshold)``
+   (:func:`logit_cutoff`, same result bit for bit) and the sigmoid is only evaluated where
+   several prompts are on.
 5. Post-processing (``postprocess="largest"``, the default): in a volume, each single-organ
    target (liver, spleen, either kidney) keeps only the largest 3D connected component of its
    own mask (:mod:`promptseg.postprocess`, as ``promptseg evaluate`` does); tumour masks are
