@@ -80,7 +80,7 @@ def model_resolution(engine: Any) -> int:
 def _film_rows(film: np.ndarray, rows: int) -> np.ndarray:
     """A (P,) FiLM vector as a contiguous float32 (rows, P) block."""
     film = np.asarray(film, dtype=np.float32).reshape(-1)
-    return np.ascontiguousarray(np.broadcast_to(film, (rows, film.shape[-1])))
+    return np.repeat(film[None], rows, axis=0)  # a writable copy (torch warns on read-only)
 
 
 def engine_batches(
