@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from promptseg.runtime.errors import first_line
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VOLUME = REPO / "promptseg" / "examples" / "chaos_mr_1.nii.gz"
 PROG = "bench/latency.py"
@@ -95,11 +97,6 @@ def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _cpu_model() -> str:
@@ -294,7 +291,7 @@ def _try(backends: list[Backend], name: str, device: str, precision: str,
     try:
         engine = open_engine()
     except Exception as exc:  # noqa: BLE001 - any failure: this backend is not available here
-        backends.append(Backend(name, device, precision, status="skipped", reason=_first_line(exc)))
+        backends.append(Backend(name, device, precision, status="skipped", reason=first_line(exc)))
         return
     backends.append(
         Backend(
@@ -390,8 +387,8 @@ def measure_backend(backend: Backend, *, resolution: int, film: np.ndarray, raw:
     """All per-backend numbers (see the module docstring)."""
     from dataclasses import replace
 
-    from promptseg.preprocess import Preprocessing, normalize, resize_bilinear
-    from promptseg.runtime.pipeline import logit_cutoff
+    from promptseg.preprocess import Preprocessing
+    from promptseg.runtime.slices import segment_slices
 
     row: dict[str, Any] = {
         "name": backend.name,
@@ -418,13 +415,9 @@ def measure_backend(backend: Backend, *, resolution: int, film: np.ndarray, raw:
         row["providers"] = engine.describe().get("providers", [])
         row["infer_b1"] = stats_ms(_time(lambda: engine.infer(one), iters, warmup))
         window = replace(Preprocessing(resolution=resolution), ct_window=bounds)
-        h, w = raw.shape
-        cutoff = logit_cutoff(0.5)
 
-        def end_to_end() -> None:  # the runtime's steps: threshold on logits at the input size
-            small = resize_bilinear(normalize(raw[None], "ct", window), (resolution, resolution))
-            logits = engine.infer({"image": small[:, None], "film": one["film"]})["logits"]
-            _ = resize_bilinear(logits[:, 0], (h, w)) >= cutoff
+        def end_to_end() -> None:  # the runtime's slice path, threshold at the input size
+            segment_slices(engine, raw[None], [film], window, "ct", batch=1, threshold=0.5)
 
         row["e2e_b1"] = stats_ms(_time(end_to_end, iters, warmup))
         row["infer_batch"] = stats_ms(_time(lambda: engine.infer(many), batch_iters, warmup))
@@ -446,7 +439,7 @@ def measure_backend(backend: Backend, *, resolution: int, film: np.ndarray, raw:
                 row["compute_batch"]["median_ms"] / 1e3
             )
     except Exception as exc:  # noqa: BLE001 - a backend failing mid-run is reported, not fatal
-        row["status"], row["reason"] = "error", _first_line(exc)
+        row["status"], row["reason"] = "error", first_line(exc)
     return row
 
 
@@ -471,7 +464,7 @@ def measure_volume(engine_dir: Path, volume: Path, backend: str, precision: str 
         row["stats"] = stats_ms(times)
         row["summary"] = summary[0] if summary else {}
     except Exception as exc:  # noqa: BLE001 - reported per backend
-        row["status"], row["reason"] = "error", _first_line(exc)
+        row["status"], row["reason"] = "error", first_line(exc)
     return row
 
 
@@ -795,11 +788,11 @@ def _main(args: Namespace) -> int:
             log=lambda line: print(line, file=sys.stderr),
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
-        print(f"latency: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"latency: error: {first_line(exc)}", file=sys.stderr)
         return 2
     print(format_table(report))
     if args.json_path:
-        from promptseg.data.readers import write_text_atomic
+        from promptseg.runtime.writers import write_text_atomic
 
         write_text_atomic(json.dumps(report, indent=2) + "\n", args.json_path)
         print(f"wrote {args.json_path}")

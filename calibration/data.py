@@ -34,6 +34,7 @@ from promptseg.data.bank import DOMAIN
 from promptseg.data.datasets import ABDOMEN, BRAIN, DATASET_FOLDERS, KINDS, Case, load_splits
 from promptseg.preprocess import Preprocessing, normalize, resize_bilinear
 from promptseg.runtime.prompt_resolver import PromptCache, normalise_prompt
+from promptseg.runtime.writers import atomic_write
 
 __all__ = [
     "CALIB_FORMAT",
@@ -199,17 +200,14 @@ class CalibrationSet:
 
     def save(self, path: str | Path) -> Path:
         """Write a compressed ``.npz`` (strings as unicode arrays, no pickles); atomic."""
-        import os
-        import tempfile
 
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"{path}: calibration sets are saved as .npz files")
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": CALIB_FORMAT, "version": CALIB_VERSION, "seed": self.seed, **self.meta}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+
+        def write(tmp: Path) -> None:
             np.savez_compressed(
                 tmp,
                 header=np.array(json.dumps(header)),
@@ -222,10 +220,8 @@ class CalibrationSet:
                 prompt=self.prompt.astype(str),
                 present=self.present.astype(bool),
             )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, write)
         return path
 
     @classmethod

@@ -38,7 +38,6 @@ reason for each.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.preprocess import Preprocessing, normalize
+from promptseg.preprocess import Preprocessing
 
 __all__ = [
     "ProxyCase",
@@ -74,15 +73,9 @@ class _Session:
     """An ONNX Runtime CPU session behind the runtime's ``infer`` contract."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from promptseg.runtime.ort_engine import env_threads, ort_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads=threads or env_threads())
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"logits": self.session.run(["logits"], inputs)[0]}
@@ -106,12 +99,15 @@ def ort_session(path: str | Path, threads: int | None = None) -> _Session:
 
 @dataclass
 class ProxyCase:
-    """One proxy case: normalised slices (Z, H, W) and the masks of its present targets."""
+    """One proxy case: raw slices (Z, H, W), their modality and the masks of its present
+    targets (a :class:`~promptseg.data.datasets.Case` with fewer fields)."""
 
     case_id: str
     dataset: str
-    slices: np.ndarray
+    image: np.ndarray
+    modality: str
     masks: dict[str, np.ndarray]
+    is_volume: bool = True
 
 
 @dataclass
@@ -120,6 +116,7 @@ class ProxySet:
 
     cases: list[ProxyCase]
     meta: dict = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def summary(self) -> dict:
         datasets: dict[str, int] = {}
@@ -128,7 +125,7 @@ class ProxySet:
             datasets[case.dataset] = datasets.get(case.dataset, 0) + 1
             for t in case.masks:
                 targets[t] = targets.get(t, 0) + 1
-        inferences = sum(c.slices.shape[0] * len(c.masks) for c in self.cases)
+        inferences = sum(c.image.shape[0] * len(c.masks) for c in self.cases)
         return {
             "split": "train",
             "datasets": datasets,
@@ -216,8 +213,11 @@ def build_proxy_set(
     for case in raw:
         masks = {t: m for t, m in case.masks.items() if t in wanted and m.any()}
         if masks:
-            slices = normalize(case.image, case.modality, preprocessing)
-            cases.append(ProxyCase(case.case_id, case.dataset, slices, masks))
+            cases.append(
+                ProxyCase(
+                    case.case_id, case.dataset, case.image, case.modality, masks, case.is_volume
+                )
+            )
     return ProxySet(
         cases,
         {
@@ -228,6 +228,7 @@ def build_proxy_set(
             "slice), canonical prompts, threshold 0.5, against ONNX Runtime FP32",
             "case_ids": [c.case_id for c in cases],
         },
+        preprocessing,
     )
 
 
@@ -240,16 +241,18 @@ def proxy_dice(
     batch: int = 16,
     threshold: float = 0.5,
 ) -> dict[str, list[float]]:
-    """Dice per case of each target, through the parity check's predictor (resize, sigmoid)."""
-    from promptseg.calibration.parity import _dice, engine_predictor
+    """Dice per case of each target, through the parity check's path (promptseg-run's)."""
+    from promptseg.calibration.parity import _dice
+    from promptseg.cases import segment_case
 
-    predict = engine_predictor(engine, films, resolution, batch)
     out: dict[str, list[float]] = {}
     for case in proxy.cases:
         targets = list(case.masks)
-        probs = predict(case.slices, targets)
+        masks = segment_case(engine, case, [films[t] for t in targets], targets,
+                             proxy.preprocessing, batch=batch, threshold=threshold,
+                             resolution=resolution).masks  # fmt: skip
         for k, t in enumerate(targets):
-            out.setdefault(t, []).append(_dice(probs[k] > threshold, case.masks[t]))
+            out.setdefault(t, []).append(_dice(masks[k], case.masks[t]))
     return out
 
 

@@ -1,8 +1,12 @@
 """Accuracy parity across backends: Dice per target on the validation split.
 
-Rows: PyTorch FP32 (the checkpoint, through :class:`promptseg.evaluate.Predictor`, exactly as
-``promptseg evaluate`` predicts), ONNX Runtime FP32 (``model.onnx``), the FP16 graph
-(``model.fp16.onnx`` on the ORT CPU provider) and the INT8 Q/DQ graph (``model.int8.onnx``).
+Rows: PyTorch FP32 (the checkpoint as a :class:`~promptseg.runtime.torch_engine.TorchEngine`
+with its own prompt embeddings, as ``promptseg evaluate`` predicts), ONNX Runtime FP32
+(``model.onnx``), the FP16 graph (``model.fp16.onnx`` on the ORT CPU provider) and the INT8
+Q/DQ graph (``model.int8.onnx``). Every row runs the slice path of ``promptseg-run``
+(:func:`promptseg.cases.segment_case` -> :func:`promptseg.runtime.slices.segment_slices`):
+same normalisation, resizing, logit threshold, presence gate and (``--postprocess largest``)
+largest-component rule, so a row's masks are ``promptseg-run``'s masks to the voxel.
 Cases follow ``promptseg evaluate``: a CHAOS or LiTS volume is one case (3D Dice on the native
 grid), a brain tumour or BTCV slice is one case (2D Dice); every target a case annotates is
 prompted with its canonical prompt (``"Segment the {target}"``); present targets give Dice,
@@ -24,16 +28,18 @@ import json
 import sys
 import time
 from argparse import Namespace
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from promptseg.cases import iter_cases, segment_case
 from promptseg.data.datasets import DATASET_FOLDERS, KINDS, Case, load_cases
 from promptseg.metrics import confusion
-from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
+from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.runtime.errors import first_line
 from promptseg.runtime.manifest import sha256_file
 
 __all__ = ["ROWS", "TOLERANCE", "format_markdown", "main", "run_parity"]
@@ -54,9 +60,6 @@ LABELS = {
     "onnxruntime-int8": "INT8 Q/DQ graph (ORT CPU)",
 }
 
-# (slices (Z, H, W) in [0, 1], targets) -> probabilities (K, Z, H, W) on the input grid
-Predict = Callable[[np.ndarray, list[str]], np.ndarray]
-
 
 @dataclass
 class _Row:
@@ -66,7 +69,8 @@ class _Row:
     backend: str
     precision: str
     source: str
-    predict: Predict | None = None
+    engine: Any = None
+    films: dict[str, np.ndarray] = field(default_factory=dict)  # target -> (P,) FiLM vector
     status: str = "ok"
     reason: str = ""
     dice: dict[str, list[float]] = field(default_factory=dict)
@@ -78,11 +82,6 @@ class _Row:
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     tp, fp, fn, _ = confusion(pred, truth)
     return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- predictors
@@ -107,38 +106,8 @@ def case_counts(
     return dict(sorted(counts.items()))
 
 
-def engine_predictor(
-    engine: Any, films: dict[str, np.ndarray], resolution: int, batch: int
-) -> Predict:
-    """Probabilities from a runtime engine: the runtime's resize -> infer -> resize -> sigmoid.
-
-    Args:
-        engine: Any :mod:`promptseg.runtime.engines` engine (``infer`` on image/film).
-        films: (P,) FiLM vector per target.
-        resolution: Model input size R.
-        batch: Slices per ``infer`` call.
-    """
-
-    def predict(slices: np.ndarray, targets: list[str]) -> np.ndarray:
-        small = resize_bilinear(slices, (resolution, resolution))[:, None]  # (Z, 1, R, R)
-        z, (h, w) = small.shape[0], slices.shape[1:]
-        out = np.zeros((len(targets), z, h, w), np.float32)
-        for k, target in enumerate(targets):
-            for start in range(0, z, batch):
-                chunk = np.ascontiguousarray(small[start : start + batch])
-                film = np.ascontiguousarray(
-                    np.broadcast_to(films[target], (chunk.shape[0], films[target].shape[-1]))
-                )
-                logits = engine.infer({"image": chunk, "film": film})["logits"][:, 0]
-                out[k, start : start + chunk.shape[0]] = logits_to_probability(logits, (h, w))
-        return out
-
-    return predict
-
-
-def _torch_predictor(checkpoint: Path, vocab_canonical: Callable[[str], str], batch: int,
-                     threads: int | None) -> Predict:  # fmt: skip
-    """The checkpoint through ``promptseg evaluate``'s Predictor (embedding -> FiLM -> UNet)."""
+def _checkpoint_row(row: _Row, checkpoint: Path, threads: int | None) -> None:
+    """The PyTorch row: the checkpoint as a TorchEngine, FiLM vectors from its own embeddings."""
     import torch
 
     from promptseg.checkpoint import load_checkpoint
@@ -146,12 +115,19 @@ def _torch_predictor(checkpoint: Path, vocab_canonical: Callable[[str], str], ba
 
     if threads:
         torch.set_num_threads(int(threads))
-    predictor = Predictor(load_checkpoint(checkpoint), batch)
+    predictor = Predictor(load_checkpoint(checkpoint))
+    vocab = predictor.loaded.vocabulary
+    targets = list(vocab.targets)
+    row.engine = predictor.engine
+    row.films = dict(zip(targets, predictor.films([vocab.canonical(t) for t in targets])))
 
-    def predict(slices: np.ndarray, targets: list[str]) -> np.ndarray:
-        return predictor.predict(slices, [vocab_canonical(t) for t in targets])
 
-    return predict
+def case_masks(row: _Row, case: Case, targets: list[str], preprocessing: Any, *,
+               threshold: float, batch: int, postprocess: str) -> np.ndarray:  # fmt: skip
+    """bool (K, Z, H, W) masks of one row on one case: the path of ``promptseg-run``."""
+    films = [row.films[t] for t in targets]
+    return segment_case(row.engine, case, films, targets, preprocessing, batch=batch,
+                        threshold=threshold, postprocess=postprocess).masks  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the run
@@ -176,8 +152,7 @@ def _checkpoint_for(folder: Any, checkpoint: str | Path | None) -> tuple[Path | 
 
 
 def _open_rows(folder: Any, checkpoint: Path | None, why: str, films: dict[str, np.ndarray],
-               batch: int, threads: int | None) -> tuple[list[_Row], list[Any]]:  # fmt: skip
-    from promptseg.prompts import PromptVocabulary
+               threads: int | None) -> tuple[list[_Row], list[Any]]:  # fmt: skip
     from promptseg.runtime.engines import OrtEngine
 
     rows: list[_Row] = []
@@ -189,11 +164,10 @@ def _open_rows(folder: Any, checkpoint: Path | None, why: str, films: dict[str, 
                 row.status, row.reason = "skipped", why
             else:
                 try:
-                    row.predict = _torch_predictor(
-                        checkpoint, PromptVocabulary().canonical, batch, threads
-                    )
+                    _checkpoint_row(row, checkpoint, threads)
+                    engines.append(row.engine)
                 except ImportError as exc:
-                    row.status, row.reason = "skipped", _first_line(exc)
+                    row.status, row.reason = "skipped", first_line(exc)
             rows.append(row)
             continue
         row = _Row(name, backend, precision, fname)
@@ -202,30 +176,32 @@ def _open_rows(folder: Any, checkpoint: Path | None, why: str, films: dict[str, 
             row.status, row.reason = "skipped", f"{fname} is not in the engine folder"
         else:
             try:
-                engine = OrtEngine(folder, precision, ("cpu",), threads=threads)
-                engines.append(engine)
-                row.predict = engine_predictor(engine, films, folder.resolution, batch)
+                row.engine = OrtEngine(folder, precision, ("cpu",), threads=threads)
+                row.films = films
+                engines.append(row.engine)
             except Exception as exc:  # noqa: BLE001 - a graph ORT cannot load is a failed row
-                row.status, row.reason = "error", _first_line(exc)
+                row.status, row.reason = "error", first_line(exc)
         rows.append(row)
     return rows, engines
 
 
-def _score_case(case: Case, slices: np.ndarray, targets: list[str], rows: list[_Row],
-                threshold: float) -> None:  # fmt: skip
-    """Run every usable backend on one case and accumulate Dice, agreement and empty answers."""
+def _score_case(case: Case, targets: list[str], rows: list[_Row], preprocessing: Any,
+                **path: Any) -> None:  # fmt: skip
+    """Run every usable backend on one case and accumulate Dice, agreement and empty answers.
+
+    ``path``: threshold, batch and postprocess of :func:`case_masks`.
+    """
     preds: dict[str, np.ndarray] = {}
     for row in rows:
-        if row.status != "ok" or row.predict is None:
+        if row.status != "ok" or row.engine is None:
             continue
         t = time.perf_counter()
         try:
-            probs = row.predict(slices, targets)
+            preds[row.name] = case_masks(row, case, targets, preprocessing, **path)
         except Exception as exc:  # noqa: BLE001 - a backend failing mid-run fails its row
-            row.status, row.reason = "error", f"{case.case_id}: {_first_line(exc)}"
+            row.status, row.reason = "error", f"{case.case_id}: {first_line(exc)}"
             continue
         row.seconds += time.perf_counter() - t
-        preds[row.name] = probs > threshold
     ref = next((r.name for r in rows if r.name in preds), None)
     for row in rows:
         if row.name not in preds:
@@ -301,6 +277,7 @@ def run_parity(
     batch: int = 16,
     threads: int | None = None,
     progress: bool = False,
+    postprocess: str = "none",
 ) -> dict[str, Any]:
     """Dice parity of the PyTorch, ORT FP32, FP16 and INT8 paths on one split.
 
@@ -317,6 +294,8 @@ def run_parity(
         batch: Slices per inference call.
         threads: Intra-op threads for ONNX Runtime and PyTorch (None: library default).
         progress: tqdm progress bar over cases.
+        postprocess: "none" or "largest" (``promptseg-run``'s default: each organ's largest
+            3D component in volumes).
 
     Returns:
         The parity report (also written as parity.json): rows, reference, passed, settings.
@@ -324,8 +303,6 @@ def run_parity(
     Raises:
         InputError / FileNotFoundError / ValueError: Bad engine folder, data root or options.
     """
-    from tqdm import tqdm
-
     from promptseg.prompts import PromptVocabulary
     from promptseg.runtime.manifest import EngineFolder
     from promptseg.runtime.prompt_resolver import PromptResolver
@@ -336,6 +313,8 @@ def run_parity(
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     if max_cases < 0:
         raise ValueError(f"max_cases must be >= 0 (0 = all), got {max_cases}")
+    if postprocess not in POSTPROCESS_MODES:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
     started = time.perf_counter()
     folder = EngineFolder.open(engine_dir)
     root = Path(data_root)
@@ -353,17 +332,15 @@ def run_parity(
         t: resolver.resolve(vocab.canonical(t)).film.astype(np.float32) for t in folder.targets
     }
     ckpt, why = _checkpoint_for(folder, checkpoint)
-    rows, engines = _open_rows(folder, ckpt, why, films, batch, threads)
+    rows, engines = _open_rows(folder, ckpt, why, films, threads)
     counts: dict[str, int] = {}
     try:
         for kind in kinds:
-            cases = load_cases(kind, root / DATASET_FOLDERS[kind], split)
-            for n, case in enumerate(tqdm(cases, desc=f"parity {kind}", disable=not progress)):
-                if max_cases and n >= max_cases:
-                    break
+            for case in iter_cases(kind, root / DATASET_FOLDERS[kind], split, max_cases=max_cases,
+                                   progress=progress, desc=f"parity {kind}"):  # fmt: skip
                 targets = [t for t in case.masks if t in films]
-                slices = normalize(case.image, case.modality, folder.preprocessing)
-                _score_case(case, slices, targets, rows, threshold)
+                _score_case(case, targets, rows, folder.preprocessing, threshold=threshold,
+                            batch=batch, postprocess=postprocess)  # fmt: skip
                 counts[kind] = counts.get(kind, 0) + 1
     finally:
         for engine in engines:
@@ -381,6 +358,8 @@ def run_parity(
         "max_cases": max_cases,
         "prompt": "canonical (Segment the {target})",
         "threshold": threshold,
+        "postprocess": postprocess,
+        "path": "promptseg.cases.segment_case (the slice path of promptseg-run)",
         "tolerance": tolerance,
         "reference": reference,
         "rows": summary,
@@ -409,7 +388,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     head = ["graph", "file", *targets, "mean", "max abs Δ", "result"]
     lines = [
         f"Dice on the {report['split']} split ({', '.join(f'{k}: {v} cases' for k, v in report['datasets'].items())}), "
-        f"canonical prompts, threshold {report['threshold']}; Δ to {LABELS.get(report['reference'], 'none')}; "
+        f"canonical prompts, threshold {report['threshold']}, post-processing "
+        f"{report.get('postprocess', 'none')}; Δ to {LABELS.get(report['reference'], 'none')}; "
         f"tolerance {report['tolerance']} Dice.",
         "",
         "| " + " | ".join(head) + " |",
@@ -434,7 +414,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write parity.json and parity.md atomically into ``out``."""
-    from promptseg.data.readers import write_text_atomic
+    from promptseg.runtime.writers import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     js = write_text_atomic(json.dumps(report, indent=2) + "\n", out / "parity.json")
@@ -472,6 +452,12 @@ def _command() -> Any:
     @click.option("--tolerance", type=float, default=TOLERANCE)
     @click.option("--threshold", type=float, default=0.5)
     @click.option("--batch", type=positive_int, default=16)
+    @click.option(
+        "--postprocess",
+        type=click.Choice(POSTPROCESS_MODES),
+        default="none",
+        help="'largest': the runtime's largest-component rule, as promptseg-run by default",
+    )
     @click.option("--threads", type=positive_int, default=None)
     @click.option("--no-fail", is_flag=True, help="exit 0 even when a graph fails")
     @click.option("--progress", is_flag=True)
@@ -491,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: Namespace) -> int:
-    from promptseg.data.readers import InputError
+    from promptseg.runtime.errors import InputError
 
     try:
         report = run_parity(
@@ -507,9 +493,10 @@ def _main(args: Namespace) -> int:
             batch=args.batch,
             threads=args.threads,
             progress=args.progress,
+            postprocess=args.postprocess,
         )
     except (InputError, FileNotFoundError, ValueError) as exc:
-        print(f"parity: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"parity: error: {first_line(exc)}", file=sys.stderr)
         return 2
     print(format_markdown(report), end="")
     print(f"wrote {args.out / 'parity.json'} and {args.out / 'parity.md'}")

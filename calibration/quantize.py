@@ -53,7 +53,6 @@ tensorrt-10x-to-11x-python-api-reference.html). The graph written here is the sa
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import tempfile
 import time
@@ -69,6 +68,8 @@ from promptseg.calibration.data import (
     resolve_calibration,
 )
 from promptseg.preprocess import Preprocessing
+from promptseg.runtime.errors import first_line
+from promptseg.runtime.writers import atomic_write
 
 __all__ = ["METHODS", "count_qdq", "modelopt_quantize", "quantize_int8"]
 
@@ -232,7 +233,7 @@ def _pre_process(src: Path, dst: Path) -> str | None:
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
     except Exception as exc:  # noqa: BLE001 - optional step; report and go on
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         return f"quant_pre_process failed, quantising the graph as exported ({first})"
     return None
 
@@ -391,18 +392,12 @@ def quantize_int8(
                 proxy_cases=proxy_cases, threads=threads, progress=progress,
             )  # fmt: skip
             excluded += kept
-        fd, partial = tempfile.mkstemp(
-            prefix=f".{out_path.stem}.", suffix=".onnx", dir=out_path.parent
-        )
-        os.close(fd)
-        try:
-            build(None, excluded, Path(partial))
-            onnx.checker.check_model(partial)
-            os.chmod(partial, 0o644)  # mkstemp creates 0600
-            os.replace(partial, out_path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+
+        def write(partial: Path) -> None:
+            build(None, excluded, partial)
+            onnx.checker.check_model(str(partial))
+
+        atomic_write(out_path, write)
     counts = count_qdq(out_path)
     if counts["quantize_linear"] == 0 or counts["nodes_quantized"] == 0:
         raise RuntimeError(f"{out_path}: quantize_static inserted no Q/DQ nodes into {fp32_onnx}")

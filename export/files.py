@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -52,23 +51,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
     The temp name keeps the suffix (``.tmp-<hex>-<name>``) so suffix-sniffing writers work. On
     failure the temp file is removed and ``path`` is untouched.
     """
-    target = Path(path)
-    tmp = target.parent / f".tmp-{secrets.token_hex(6)}-{target.name}"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise ExportInputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    from promptseg.runtime.writers import atomic_write as write_atomically
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return write_atomically(path, write, lambda target, why: ExportInputError(f"{target}: {why}"))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

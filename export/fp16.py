@@ -45,23 +45,6 @@ class RangeAudit:
         return asdict(self)
 
 
-def session_options(disable_optimizations: bool = False) -> Any:
-    """ONNX Runtime session options honouring ``OMP_NUM_THREADS`` for the intra-op pool."""
-    import os
-
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 0:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if disable_optimizations:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return opts
-
-
 def with_all_outputs(model: Any) -> tuple[Any, dict[str, str]]:
     """A copy of ``model`` whose float node outputs are all graph outputs.
 
@@ -102,14 +85,10 @@ def tensor_max_abs(
         Peak per tensor name, the producing node of each tensor, the nodes with non-finite
         outputs, and the names of the FP16 tensors.
     """
-    import onnxruntime as ort
+    from promptseg.runtime.ort_engine import env_threads, ort_session
 
     exposed, producer = with_all_outputs(model)
-    session = ort.InferenceSession(
-        exposed.SerializeToString(),
-        sess_options=session_options(disable_optimizations=True),
-        providers=["CPUExecutionProvider"],
-    )
+    session = ort_session(exposed.SerializeToString(), threads=env_threads(), optimize=False)
     names = [o.name for o in session.get_outputs() if o.name in producer]
     peak: dict[str, float] = {}
     nonfinite: set[str] = set()

@@ -132,13 +132,9 @@ def tokenizer_facts(encoder: Any) -> dict[str, Any]:
 
 def session(path: str | os.PathLike[str]) -> Any:
     """A CPU ONNX Runtime session."""
-    import onnxruntime as ort
+    from promptseg.runtime.ort_engine import env_threads, ort_session
 
-    from promptseg.export.fp16 import session_options
-
-    return ort.InferenceSession(
-        str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
-    )
+    return ort_session(path, threads=env_threads())
 
 
 def embed_onnx(sess: Any, encoder: Any, prompts: list[str], batch: int = 64) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from promptseg.export.files import ExportError
+from promptseg.runtime.slices import model_outputs
 
 
 @dataclass(frozen=True)
@@ -33,24 +34,20 @@ def dice_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def torch_logits(unet: Any, images: np.ndarray, film: np.ndarray) -> np.ndarray:
-    """Reference logits of every slice (S, 1, R, R) for one FiLM vector (P,)."""
-    import torch
+    """Reference logits of every slice (S, 1, R, R) for one FiLM vector (P,): the UNet as a
+    :class:`~promptseg.runtime.torch_engine.TorchEngine` in one batch."""
+    from promptseg.runtime.torch_engine import TorchEngine
 
-    unet.eval()
-    with torch.no_grad():
-        x = torch.from_numpy(images)
-        f = torch.from_numpy(np.repeat(film[None], len(images), axis=0))
-        return unet(x, f)[0].numpy()
+    engine = TorchEngine.from_unet(unet, device="cpu")
+    return model_outputs(engine, images, film, len(images))[0]
 
 
 def run_batched(sess: Any, images: np.ndarray, film: np.ndarray, batch: int) -> np.ndarray:
-    """ONNX Runtime logits of every slice in chunks of ``batch`` (last chunk may be smaller)."""
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i : i + batch]
-        films = np.repeat(film[None], len(chunk), axis=0).astype(np.float32)
-        out.append(sess.run(["logits"], {"image": chunk, "film": films})[0])
-    return np.concatenate(out)
+    """ONNX Runtime logits of every slice in chunks of ``batch`` (last chunk may be smaller),
+    through the runtime's slice loop (:func:`promptseg.runtime.slices.model_outputs`)."""
+    from promptseg.runtime.ort_engine import SessionEngine
+
+    return model_outputs(SessionEngine(sess), images, film, batch)[0]
 
 
 def compare_graph(

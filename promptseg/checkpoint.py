@@ -18,8 +18,6 @@ shipped inside the package.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch
 from promptseg.model.unet import PromptSegModel, UNetConfig
 from promptseg.preprocess import Preprocessing
 from promptseg.prompts import PromptVocabulary
+from promptseg.runtime.writers import atomic_write
 
 FORMAT = "promptseg-checkpoint"
 VERSION = 1
@@ -99,14 +98,7 @@ def save_checkpoint(
         "train": train,
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
     return path
 
 

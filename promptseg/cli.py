@@ -18,6 +18,7 @@ import click
 
 from promptseg.cliargs import CONTEXT, non_negative_int, positive_int, run_command, version_option
 from promptseg.data.datasets import KINDS
+from promptseg.runtime.errors import first_line
 from promptseg.studies.command import study_options
 
 PROG = "promptseg"
@@ -33,7 +34,7 @@ def cmd_render(args: Namespace) -> int:
     try:
         info = render(args.volume, args.masks, args.out, labels_json=args.labels, title=args.title)
     except ImportError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from exc
+        raise ValueError(first_line(exc)) from exc
     if info["empty"]:
         print(f"promptseg render: warning: empty: {', '.join(info['empty'])}", file=sys.stderr)
     print(f"wrote {info['path']}")

@@ -14,7 +14,6 @@ reduced. The default ``none`` scores the raw thresholded masks; ``summary.json``
 from __future__ import annotations
 
 import csv
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -23,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from promptseg.cases import iter_cases, segment_case
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
 from promptseg.data.bank import DOMAIN
 from promptseg.data.datasets import DATASET_FOLDERS, KINDS, Case, load_cases
 from promptseg.metrics import segmentation_metrics
-from promptseg.postprocess import POSTPROCESS_MODES, applies, largest_component
-from promptseg.preprocess import logits_to_probability, normalize, resize_bilinear
+from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.preprocess import normalize
+from promptseg.runtime.slices import SliceMasks
+from promptseg.runtime.writers import atomic_write, write_figure_atomic, write_json_atomic
 
 METRIC_KEYS = (
     "dice",
@@ -89,11 +90,15 @@ def grid_sample(row: dict, slices: np.ndarray, pred: np.ndarray, truth: np.ndarr
 
 
 class Predictor:
-    """Checkpoint -> probabilities on a case's native grid, one prompt embedding at a time."""
+    """A checkpoint as a runtime engine (:class:`~promptseg.runtime.torch_engine.TorchEngine`)
+    and its prompt -> FiLM mapping; cases go through the runtime's slice path."""
 
     def __init__(self, loaded: LoadedCheckpoint, batch: int = 16) -> None:
+        from promptseg.runtime.torch_engine import TorchEngine
+
         self.loaded = loaded
         self.batch = batch
+        self.engine = TorchEngine(loaded, device="cpu")
         self._encoder = None
 
     def embedding(self, prompt: str) -> torch.Tensor:
@@ -108,22 +113,35 @@ class Predictor:
         return emb
 
     @torch.no_grad()
-    def predict(self, slices: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """Normalised slices (Z, H, W) in [0, 1] -> probabilities (K, Z, H, W) for K prompts."""
-        res = self.loaded.config.resolution
-        small = torch.from_numpy(resize_bilinear(slices, (res, res)))[:, None]
+    def films(self, prompts: Sequence[str]) -> list[np.ndarray]:
+        """(P,) float32 FiLM vector of each prompt."""
+        if not prompts:
+            return []
         film = self.loaded.model.film(torch.stack([self.embedding(p) for p in prompts]))
-        z = small.shape[0]
-        pairs = [(k, i) for k in range(len(prompts)) for i in range(z)]
-        logits = np.zeros((len(prompts), z, res, res), np.float32)
-        for start in range(0, len(pairs), self.batch):
-            chunk = pairs[start : start + self.batch]
-            images = small[[i for _, i in chunk]]
-            films = film[[k for k, _ in chunk]]
-            out = self.loaded.model.unet(images, films)[0][:, 0].numpy()
-            for (k, i), o in zip(chunk, out):
-                logits[k, i] = o
-        return np.stack([logits_to_probability(lg, slices.shape[1:]) for lg in logits])
+        return list(film.float().numpy())
+
+    def segment(
+        self,
+        case: Case,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        *,
+        threshold: float = 0.5,
+        postprocess: str = "none",
+        probabilities: bool = False,
+    ) -> SliceMasks:
+        """Masks (K, Z, H, W) of a case for K prompts (:func:`promptseg.cases.segment_case`)."""
+        return segment_case(
+            self.engine,
+            case,
+            self.films(prompts),
+            targets,
+            self.loaded.preprocessing,
+            batch=self.batch,
+            threshold=threshold,
+            postprocess=postprocess,
+            probabilities=probabilities,
+        )
 
 
 @dataclass
@@ -205,24 +223,25 @@ def evaluate(
     loaded = load_checkpoint(checkpoint)
     predictor = Predictor(loaded, batch)
     prompting = _Prompting(prompt_set)
-    cases = load_cases(dataset, Path(data), split)
+    load_cases(dataset, Path(data), split)  # checks the folder and split before out is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     absent: list[dict] = []
     kidney: dict[str, list[dict[str, float]]] = {"left kidney": [], "right kidney": []}
     samples: list[dict] = []
-    for n, case in enumerate(tqdm(cases, desc=f"evaluate {dataset}", disable=not progress)):
-        if max_cases and n >= max_cases:
-            break
+    for case in iter_cases(
+        dataset, data, split, max_cases=max_cases, progress=progress, desc=f"evaluate {dataset}"
+    ):
         targets = [t for t in case.masks if t in loaded.vocabulary.targets]
         prompts = [prompting.prompt(loaded, t, case.case_id) for t in targets]
-        slices = normalize(case.image, case.modality, loaded.preprocessing)
-        probs = predictor.predict(slices, prompts)
-        for target, prompt, prob in zip(targets, prompts, probs):
-            pred = prob > threshold
-            if applies(target, postprocess, case.is_volume):
-                pred = largest_component(pred)
+        out_case = predictor.segment(
+            case, prompts, targets, threshold=threshold, postprocess=postprocess, probabilities=True
+        )
+        slices = normalize(case.image, case.modality, loaded.preprocessing)  # shown in the grid
+        for target, prompt, pred, prob in zip(
+            targets, prompts, out_case.masks, out_case.probabilities
+        ):
             truth = case.masks[target]
             if truth.any():
                 m = case_metrics(case, pred, truth, prob)
@@ -253,9 +272,7 @@ def evaluate(
     summary["seconds"] = round(time.time() - started, 1)
     write_csv(rows, out / "cases.csv")
     write_csv(absent, out / "absent.csv")
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "summary.json")
+    write_json_atomic(summary, out / "summary.json")
     if samples:
         overlay_grid(samples, out / "overlays.png")
     return summary
@@ -313,13 +330,15 @@ def _summarise(
 
 def write_csv(rows: list[dict], path: Path) -> None:
     """Rows as CSV (floats to 6 decimals), written atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            if rows:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
+
+    atomic_write(path, write)
 
 
 def pick_samples(samples: list[dict], per_target: int = 3) -> list[dict]:
@@ -372,8 +391,6 @@ def overlay_grid(
         fig.suptitle(title, fontsize=9)
         top = 1.0 - (0.2 + 0.16 * (title.count("\n") + 1)) / fig.get_figheight()
     fig.tight_layout(rect=(0, 0, 1, top))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    write_figure_atomic(fig, path, dpi=80)
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from promptseg.cases import iter_cases
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
 from promptseg.data.datasets import KINDS, load_cases
 from promptseg.evaluate import (
@@ -57,17 +58,15 @@ def case_samples(
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
     predictor = Predictor(loaded, batch)
     samples: list[dict] = []
-    for n, case in enumerate(load_cases(dataset, Path(data), split)):
-        if max_cases and n >= max_cases:
-            break
+    for case in iter_cases(dataset, data, split, max_cases=max_cases):
         targets = [t for t, m in case.masks.items() if t in loaded.vocabulary.targets and m.any()]
         if not targets:
             continue
         prompts = [loaded.vocabulary.canonical(t) for t in targets]
-        slices = normalize(case.image, case.modality, loaded.preprocessing)
-        probs = predictor.predict(slices, prompts)
-        for target, prompt, prob in zip(targets, prompts, probs):
-            pred, truth = prob > threshold, case.masks[target]
+        masks = predictor.segment(case, prompts, targets, threshold=threshold).masks
+        slices = normalize(case.image, case.modality, loaded.preprocessing)  # shown in the grid
+        for target, prompt, pred in zip(targets, prompts, masks):
+            truth = case.masks[target]
             row = {"case": case.case_id, "target": target, "prompt": prompt}
             row["dice"] = float(case_metrics(case, pred, truth)["dice"])
             samples.append(grid_sample(row, slices, pred, truth))

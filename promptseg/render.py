@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.readers import InputError, PathLike, Volume, _atomic_write, read_volume
+from promptseg.data.readers import Volume, read_volume
+from promptseg.runtime.errors import InputError, PathLike
+from promptseg.runtime.writers import atomic_write as _atomic_write
 
 FIG_SIZE = (15.0, 5.6)
 DPI = 100

@@ -46,9 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from promptseg.cases import iter_cases
 from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
 from promptseg.data.bank import DOMAIN
-from promptseg.data.datasets import KINDS, LOCAL_ONLY, Case, load_cases
+from promptseg.data.datasets import KINDS, LOCAL_ONLY, Case
 from promptseg.evaluate import (
     Predictor,
     _Prompting,
@@ -57,9 +58,9 @@ from promptseg.evaluate import (
     require_int,
     write_csv,
 )
-from promptseg.preprocess import normalize
 from promptseg.prompts import FREE_FORM
 from promptseg.runtime.manifest import sha256_file
+from promptseg.runtime.writers import write_figure_atomic, write_json_atomic, write_text_atomic
 
 SETS = ("canonical", "train", "heldout")
 KIDNEYS = ("left kidney", "right kidney")
@@ -179,12 +180,6 @@ def _sd(values: Sequence[float]) -> float | None:
     """Population standard deviation (ddof=0), as labelled in report.md; the committed
     results were computed with it (the studies report the sample sd, ddof=1)."""
     return float(np.std(values)) if len(values) else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _git_hash() -> str:
@@ -432,21 +427,18 @@ def robustness(
     for kind in datasets:
         t0 = time.time()
         n_cases = n_slices = n_pred = 0
-        for n, case in enumerate(load_cases(kind, folders[kind], "val")):
-            if max_cases and n >= max_cases:
-                break
-            slices = normalize(case.image, case.modality, loaded.preprocessing)
+        for case in iter_cases(kind, folders[kind], "val", max_cases=max_cases):
             req = tally.requests(case, loaded, phrasings, seed)
             prompts = list(req)
             for start in range(0, len(prompts), PROMPT_CHUNK):
                 chunk = prompts[start : start + PROMPT_CHUNK]
-                for prompt, prob in zip(chunk, predictor.predict(slices, chunk)):
-                    pred = prob > threshold
+                masks = predictor.segment(case, chunk, chunk, threshold=threshold).masks
+                for prompt, pred in zip(chunk, masks):
                     for use in req[prompt]:
                         tally.use(case, prompt, pred, use)
             n_cases += 1
-            n_slices += slices.shape[0]
-            n_pred += slices.shape[0] * len(prompts)
+            n_slices += case.image.shape[0]
+            n_pred += case.image.shape[0] * len(prompts)
         counts[kind] = {"cases": n_cases, "slices": n_slices, "slice_predictions": n_pred}
         log(
             f"{kind}: {n_cases} cases, {n_slices} slices, {n_pred} slice predictions "
@@ -655,7 +647,7 @@ def summarise(tally: _Tally, loaded: LoadedCheckpoint, verdicts: dict) -> dict:
 
 
 def _write_outputs(results: dict, rows: list[dict], out: Path) -> None:
-    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_json_atomic(results, out / "results.json")
     write_csv([r for r in rows if r["dataset"] not in LOCAL_ONLY], out / "cases.csv")
     for dataset in LOCAL_ONLY:  # licence: these per-case rows stay local (.gitignore)
         local = [r for r in rows if r["dataset"] == dataset]
@@ -663,7 +655,7 @@ def _write_outputs(results: dict, rows: list[dict], out: Path) -> None:
             (out / dataset).mkdir(exist_ok=True)
             write_csv(local, out / dataset / "cases.csv")
     confusion_png(results, out / "kidney_confusion.png")
-    _atomic_write(out / "report.md", report_markdown(results))
+    write_text_atomic(report_markdown(results), out / "report.md")
 
 
 def confusion_png(results: dict, path: Path) -> Path | None:
@@ -723,10 +715,8 @@ def confusion_png(results: dict, path: Path) -> Path | None:
         fontsize=10,
     )
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    write_figure_atomic(fig, path, dpi=90)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -38,6 +38,7 @@ from promptseg.model.text import DEFAULT_ENCODER, TextEncoder
 from promptseg.model.unet import PromptSegModel, UNetConfig, preset_config
 from promptseg.preprocess import Preprocessing
 from promptseg.prompts import TARGETS, PromptVocabulary
+from promptseg.runtime.writers import write_figure_atomic
 from promptseg.validation import deployed_metrics
 
 # Geometric policy per dataset: brain images may flip freely; the LiTS crop's orientation is
@@ -393,10 +394,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     ax[1].set(xlabel="samples seen", ylim=(0, 1), title="deployed metrics (EMA, gate 0.5)")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- the run

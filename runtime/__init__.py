@@ -4,61 +4,70 @@ Imports and runs with numpy, nibabel, pydicom, onnxruntime, scipy, pillow, safet
 tqdm only (the package's required dependencies); TensorRT and PyTorch are imported lazily by the
 engines that need them.
 
-    >>> from promptseg.runtime import run
+    >>> from promptseg.runtime import Segmenter, run
+    >>> Segmenter()("image_1.nii.gz", ["liver"]).labels  # doctest: +SKIP
     >>> run(["image_1.nii.gz"], ["liver"], output="liver.nii.gz")  # doctest: +SKIP
+
+Public names are imported on first use (``promptseg.runtime.<name>``); the modules are
+``errors`` and ``writers`` (one error type, atomic writes), ``engine_base`` / ``ort_engine`` /
+``trt_engine`` / ``torch_engine`` / ``engines`` (backends), ``slices`` (the one slice path),
+``pipeline`` (orientation, label map), ``segmenter`` (the in-memory API) and ``api`` / ``cli``
+(``promptseg-run``).
 """
 
-from promptseg.runtime.api import resolve_prompts, run
-from promptseg.runtime.engines import (
-    BACKENDS,
-    PRECISIONS,
-    BackendError,
-    Engine,
-    OrtEngine,
-    TorchEngine,
-    TrtEngine,
-    check_inputs,
-    select_backend,
-)
-from promptseg.runtime.io import Image2D, read_input
-from promptseg.runtime.manifest import DEFAULT_ENGINE_DIR, EngineFolder, TensorSpec
-from promptseg.runtime.orientation import Reorientation, reorientation
-from promptseg.runtime.pipeline import SegmentationResult, choose_modality, segment
-from promptseg.runtime.prompt_resolver import (
-    PromptCache,
-    PromptError,
-    PromptResolver,
-    ResolvedPrompt,
-    normalise_prompt,
-)
-from promptseg.runtime.tokenizer import WordPieceTokenizer
+from __future__ import annotations
 
-__all__ = [
-    "BACKENDS",
-    "DEFAULT_ENGINE_DIR",
-    "PRECISIONS",
-    "BackendError",
-    "Engine",
-    "EngineFolder",
-    "Image2D",
-    "OrtEngine",
-    "PromptCache",
-    "PromptError",
-    "PromptResolver",
-    "Reorientation",
-    "ResolvedPrompt",
-    "SegmentationResult",
-    "TensorSpec",
-    "TorchEngine",
-    "TrtEngine",
-    "WordPieceTokenizer",
-    "check_inputs",
-    "choose_modality",
-    "normalise_prompt",
-    "read_input",
-    "reorientation",
-    "resolve_prompts",
-    "run",
-    "segment",
-    "select_backend",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "resolve_prompts": "api",
+    "run": "api",
+    "BACKENDS": "engines",
+    "PRECISIONS": "engines",
+    "BackendError": "engines",
+    "Engine": "engines",
+    "OrtEngine": "engines",
+    "TorchEngine": "engines",
+    "TrtEngine": "engines",
+    "check_inputs": "engines",
+    "select_backend": "engines",
+    "Image2D": "io",
+    "read_input": "io",
+    "DEFAULT_ENGINE_DIR": "manifest",
+    "EngineFolder": "manifest",
+    "TensorSpec": "manifest",
+    "Reorientation": "orientation",
+    "reorientation": "orientation",
+    "SegmentationResult": "pipeline",
+    "choose_modality": "pipeline",
+    "segment": "pipeline",
+    "PromptCache": "prompt_resolver",
+    "PromptError": "prompt_resolver",
+    "PromptResolver": "prompt_resolver",
+    "ResolvedPrompt": "prompt_resolver",
+    "normalise_prompt": "prompt_resolver",
+    "WordPieceTokenizer": "tokenizer",
+    "InputError": "errors",
+    "Segmenter": "segmenter",
+    "SegmenterResult": "segmenter",
+    "segment_slices": "slices",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public names lazily (``from promptseg.runtime import run`` loads only what
+    ``run`` needs; the readers can import :mod:`promptseg.runtime.errors` without a cycle)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'promptseg.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"promptseg.runtime.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_HOMES))
+
+
+__all__ = sorted(_HOMES)

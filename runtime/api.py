@@ -1,6 +1,7 @@
 """``promptseg.runtime.run``: the Python API that ``promptseg-run`` mirrors.
 
-Everything is validated before the first output is written: options, the engine folder
+It plans and checks every output, reads every input, segments each with one
+:class:`~promptseg.runtime.segmenter.Segmenter` and writes the results. Everything is validated before the first output is written: options, the engine folder
 (manifest and file sizes; each file's hash on its first use), the prompt cache and every
 prompt, every input (read completely), every output path, and the image graph or plan when
 the engine is opened (once, before the first input is segmented). Each output is written
@@ -9,7 +10,6 @@ atomically.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -19,23 +19,10 @@ from typing import Any
 import numpy as np
 
 import promptseg
-from promptseg.data.readers import (
-    InputError,
-    PathLike,
-    Volume,
-    write_nifti_atomic,
-    write_png_atomic,
-    write_text_atomic,
-)
-from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.data.readers import Volume
 from promptseg.runtime import dicom_seg
-from promptseg.runtime.engines import (
-    PRECISIONS,
-    BackendError,
-    Engine,
-    check_backend,
-    select_backend,
-)
+from promptseg.runtime.engines import Engine
+from promptseg.runtime.errors import InputError, PathLike, first_line
 from promptseg.runtime.io import (
     Image2D,
     _probe_writable,
@@ -46,76 +33,26 @@ from promptseg.runtime.io import (
     read_input,
 )
 from promptseg.runtime.manifest import EngineFolder
-from promptseg.runtime.orientation import volume_reorientation
-from promptseg.runtime.pipeline import (
-    MODALITY_CHOICES,
-    SegmentationResult,
-    check_engine,
-    segment,
-)
+from promptseg.runtime.pipeline import SegmentationResult
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
+from promptseg.runtime.segmenter import Segmenter, SegmenterResult
+from promptseg.runtime.writers import atomic_write, write_png_atomic, write_text_atomic
 
 _CACHE_BYTES = 1 << 30  # keep validated inputs in memory up to this size, re-read the rest
 
 
-def _check_options(
-    backend: str,
-    precision: str | None,
-    batch: int,
-    threshold: float,
-    modality: str,
-    volume: int | None,
-    threads: int | None = None,
-) -> None:
-    try:
-        check_backend(backend)
-    except ValueError as exc:
-        raise InputError("--backend", str(exc)) from None
-    if precision is not None and precision not in PRECISIONS:
-        raise InputError(
-            "--precision", f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}"
-        )
-    if int(batch) < 1:
-        raise InputError("--batch", f"must be at least 1, got {batch}")
-    if not 0.0 < float(threshold) < 1.0:
-        raise InputError("--threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
-    if modality not in MODALITY_CHOICES:
-        raise InputError(
-            "--modality", f"unknown modality {modality!r}; valid: {', '.join(MODALITY_CHOICES)}"
-        )
-    if volume is not None and int(volume) < 0:
-        raise InputError("--volume", f"must be 0 or more, got {volume}")
-    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
-        raise InputError("--threads", f"must be a positive integer, got {threads}")
-
-
-def _open_engine(
-    name: str, folder: EngineFolder, precision: str | None, threads: int | None
-) -> Engine:
-    try:
-        return select_backend(name, folder, precision, threads=threads)
-    except InputError:
-        raise  # already names the file (a corrupted graph or plan, a bad manifest)
-    except (BackendError, ImportError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"--backend {name}", first) from exc
-
-
-def _write_mask(image: Volume | Image2D, result: SegmentationResult, out: Path) -> None:
+def _write_mask(done: SegmenterResult, out: Path) -> None:
     """Write the label map with the input's grid (NIfTI) or size (PNG), atomically."""
-    labels = result.labels
-    if isinstance(image, Image2D):
-        if len(result.prompts) == 1:
+    labels = done.labels
+    if isinstance(done.image, Image2D):
+        if len(done.targets) == 1:
             labels = (labels > 0).astype(np.uint8) * np.uint8(255)
         write_png_atomic(np.ascontiguousarray(labels, dtype=np.uint8), out)
         return
-    header = None
-    src = image.meta.get("nifti_header")
-    if src is not None:
-        header = copy.deepcopy(src)
-        header["cal_min"], header["cal_max"] = 0, 0
-        header["descrip"] = b"promptseg-run label map"
-    write_nifti_atomic(labels, image.affine, out, header=header, dtype=np.uint8)
+    import nibabel as nib
+
+    img = done.to_nifti()
+    atomic_write(out, lambda tmp: nib.save(img, str(tmp)))
 
 
 def _sidecar(result: SegmentationResult, inp: Path, out: Path, folder: EngineFolder) -> str:
@@ -155,6 +92,8 @@ def run(
     log: Callable[[str], None] | None = None,
     render: PathLike | None = None,
     postprocess: str = "largest",
+    presence_threshold: float | None = None,
+    presence_gate: bool = True,
     output_format: str = "auto",
 ) -> list[dict[str, Any]]:
     """Segment inputs for prompts and write masks (the API of ``promptseg-run``).
@@ -180,12 +119,16 @@ def run(
         render: Also draw a PNG picture of the label map (3-D views and an axial overlay,
             :mod:`promptseg.render`; needs ``promptseg[render]``). One volume input only.
         postprocess: "largest" (keep each organ's largest 3D component in volumes) or "none".
+        presence_threshold: One presence tau for every prompt (None: the manifest's
+            ``presence_thresholds``); engines with a ``presence`` output only.
+        presence_gate: False keeps every slice's mask whatever the presence output says.
         output_format: "nifti", "dicom-seg" (DICOM series inputs; one segment per prompt) or
             "auto" (DICOM SEG for one input with ``output`` ending in .dcm, else NIfTI/PNG).
 
     Returns:
         One summary dict per input (output, backend, precision, engine hash, seconds per stage,
-        and per prompt: voxels, volume_ml, slices_with_target).
+        and per prompt: voxels, volume_ml, slices_with_target, present,
+        presence_max_probability, slices_gated).
 
     Raises:
         InputError: Any bad input, option, engine folder or prompt (one line naming it).
@@ -197,31 +140,81 @@ def run(
         raise InputError(
             "INPUT", "no input given; expected NIfTI files, DICOM folders or 2-D images"
         )
-    _check_options(backend, precision, batch, threshold, modality, volume, threads)
-    if postprocess not in POSTPROCESS_MODES:
-        raise InputError(
-            "--postprocess", f"unknown mode {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}"
-        )
+    if volume is not None and int(volume) < 0:
+        raise InputError("--volume", f"must be 0 or more, got {volume}")
     t_start = time.perf_counter()
-    folder = engine if isinstance(engine, EngineFolder) else EngineFolder.open(engine)
-    resolver = PromptResolver(folder, threads=threads)
-    resolved = resolver.resolve_all(prompt_list)
+    seg = Segmenter(
+        engine,
+        backend,
+        precision=precision,
+        threads=threads,
+        batch=batch,
+        threshold=threshold,
+        modality=modality,
+        postprocess=postprocess,
+        presence_threshold=presence_threshold,
+        presence_gate=presence_gate,
+        load=False,
+    )
+    folder = seg.folder
+    resolved = seg.resolve(prompt_list)
     kinds = [input_kind(p) for p in paths]
-    seg = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
-    if seg:
+    dicom = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
+    outputs = _plan(paths, output, kinds, json_path, render, len(resolved), dicom)
+    loaded = _read_all(paths, volume, series)
+    setup = time.perf_counter() - t_start
+    summaries: list[dict[str, Any]] = []
+    with seg:
+        eng = seg.load()
+        say(f"backend: {eng.backend} ({eng.precision}; {', '.join(eng.providers)})")
+        for i, (inp, out) in enumerate(zip(paths, outputs)):
+            if i in loaded:
+                image, notes, t_read = loaded.pop(i)
+            else:
+                t = time.perf_counter()
+                image, notes = read_input(inp, volume_index=volume, series_uid=series)
+                t_read = time.perf_counter() - t
+            done = seg(image, resolved, progress=progress)
+            done.warnings[:0] = notes
+            summary = _write_one(done, inp, out, eng, folder, render, t_read, say, dicom)
+            if i == 0:
+                summary["seconds"]["setup"] = round(setup, 4)
+            summaries.append(summary)
+    if json_path is not None:
+        write_text_atomic(json.dumps({"results": summaries}, indent=2) + "\n", json_path)
+    return summaries
+
+
+def _plan(
+    paths: list[Path],
+    output: PathLike | None,
+    kinds: list[str],
+    json_path: PathLike | None,
+    render: PathLike | None,
+    n_labels: int,
+    dicom: bool = False,
+) -> list[Path]:
+    """Every output path, checked before anything is read or written."""
+    if dicom:  # a SEG names its segments itself: no sidecar
         outputs = dicom_seg.plan_seg_outputs(paths, output, kinds)
     else:
         outputs = plan_outputs(paths, output, kinds)
-    several = len(resolved) > 1 and not seg  # a SEG names its segments itself
-    if several:
+    if n_labels > 1 and not dicom:
         for out in outputs:
             if out.parent.exists():
                 check_output(labels_sidecar(out), paths, False, what="labels sidecar")
     if json_path is not None:
         check_output(Path(json_path), paths, False, what="JSON summary")
     if render is not None:
-        _check_render(Path(render), paths, kinds, outputs, json_path, len(resolved))
-    # Read every input completely before the first inference (no partial outputs).
+        _check_render(Path(render), paths, kinds, outputs, json_path, n_labels)
+    return outputs
+
+
+def _read_all(
+    paths: list[Path], volume: int | None, series: str | None
+) -> dict[int, tuple[Volume | Image2D, list[str], float]]:
+    """Read every input completely before the first inference (no partial outputs); keep
+    those that fit in memory (``_CACHE_BYTES``), re-read the rest later."""
     loaded: dict[int, tuple[Volume | Image2D, list[str], float]] = {}
     budget = _CACHE_BYTES
     for i, p in enumerate(paths):
@@ -231,88 +224,59 @@ def run(
             loaded[i] = (image, notes, time.perf_counter() - t)
             budget -= image.data.nbytes
         del image
-    setup = time.perf_counter() - t_start
-    summaries: list[dict[str, Any]] = []
-    bar = None
-    with _open_engine(backend, folder, precision, threads) as eng:
-        check_engine(eng, folder.preprocessing, int(resolved[0].film.shape[-1]))
-        say(f"backend: {eng.backend} ({eng.precision}; {', '.join(eng.providers)})")
-        for i, (inp, out) in enumerate(zip(paths, outputs)):
-            if i in loaded:
-                image, notes, t_read = loaded.pop(i)
-            else:
-                t = time.perf_counter()
-                image, notes = read_input(inp, volume_index=volume, series_uid=series)
-                t_read = time.perf_counter() - t
-            n_slices = (
-                1
-                if isinstance(image, Image2D)
-                else int(image.data.shape[_slice_axis(image, folder)])
-            )
-            if progress:
-                from tqdm import tqdm
+    return loaded
 
-                bar = tqdm(total=n_slices, desc=inp.name, unit="slice", leave=False)
-            try:
-                result = segment(
-                    image,
-                    resolved,
-                    eng,
-                    resolver,
-                    folder.preprocessing,
-                    batch=batch,
-                    threshold=threshold,
-                    modality=modality,
-                    axcodes=folder.axcodes,
-                    progress=bar.update if bar is not None else None,
-                    postprocess=postprocess,
-                )
-            finally:
-                if bar is not None:
-                    bar.close()
-            t = time.perf_counter()
-            if not out.parent.exists():  # the -o folder of several inputs (parent checked)
-                out.parent.mkdir(exist_ok=True)
-            if seg:
-                dicom_seg.write_dicom_seg(
-                    image,
-                    result.labels,
-                    dicom_seg.segments_of(result.stats),
-                    out,
-                    version=promptseg.__version__,
-                    engine_id=folder.manifest_sha256,
-                )
-            else:
-                _write_mask(image, result, out)
-            sidecar = None
-            if several:
-                sidecar = labels_sidecar(out)
-                write_text_atomic(_sidecar(result, inp, out, folder), sidecar)
-            t_write = time.perf_counter() - t
-            if render is not None:
-                from promptseg.render import Mask, draw
 
-                t = time.perf_counter()
-                masks = [Mask(st["target"], result.labels == st["label"]) for st in result.stats]
-                draw(image, masks, render, title=f"{inp.name}: promptseg-run, {eng.backend}")
-                t_write += time.perf_counter() - t
-            warnings_list = notes + result.warnings
-            for w in warnings_list:
-                say(f"warning: {inp}: {w}")
-            summary = _summary(inp, out, sidecar, image, result, eng, folder, t_read, t_write)
-            summary["warnings"] = warnings_list
-            summary["backend_notes"] = list(eng.notes)
-            if i == 0:
-                summary["seconds"]["setup"] = round(setup, 4)
-            summaries.append(summary)
-            found = ", ".join(f"{s['target']}: {s['voxels']} voxels" for s in result.stats)
-            say(f"wrote {out} ({found})")
-            if render is not None:
-                summary["picture"] = str(render)
-                say(f"wrote {render}")
-    if json_path is not None:
-        write_text_atomic(json.dumps({"results": summaries}, indent=2) + "\n", json_path)
-    return summaries
+def _write_one(
+    done: SegmenterResult,
+    inp: Path,
+    out: Path,
+    eng: Engine,
+    folder: EngineFolder,
+    render: PathLike | None,
+    t_read: float,
+    say: Callable[[str], None],
+    dicom: bool = False,
+) -> dict[str, Any]:
+    """Write one input's mask or DICOM SEG (and sidecar, picture); its summary."""
+    result = done.result
+    t = time.perf_counter()
+    if not out.parent.exists():  # the -o folder of several inputs (parent checked)
+        out.parent.mkdir(exist_ok=True)
+    if dicom:
+        dicom_seg.write_dicom_seg(
+            done.image,
+            result.labels,
+            dicom_seg.segments_of(result.stats),
+            out,
+            version=promptseg.__version__,
+            engine_id=folder.manifest_sha256,
+        )
+    else:
+        _write_mask(done, out)
+    sidecar = None
+    if len(done.targets) > 1 and not dicom:
+        sidecar = labels_sidecar(out)
+        write_text_atomic(_sidecar(result, inp, out, folder), sidecar)
+    t_write = time.perf_counter() - t
+    if render is not None:
+        from promptseg.render import Mask, draw
+
+        t = time.perf_counter()
+        masks = [Mask(st["target"], result.labels == st["label"]) for st in result.stats]
+        draw(done.image, masks, render, title=f"{inp.name}: promptseg-run, {eng.backend}")
+        t_write += time.perf_counter() - t
+    for w in done.warnings:
+        say(f"warning: {inp}: {w}")
+    summary = _summary(inp, out, sidecar, done.image, result, eng, folder, t_read, t_write)
+    summary["warnings"] = list(done.warnings)
+    summary["backend_notes"] = list(eng.notes)
+    found = ", ".join(f"{s['target']}: {s['voxels']} voxels" for s in result.stats)
+    say(f"wrote {out} ({found})")
+    if render is not None:
+        summary["picture"] = str(render)
+        say(f"wrote {render}")
+    return summary
 
 
 def _check_render(
@@ -349,13 +313,7 @@ def _check_render(
     try:
         pictures.check_available()
     except ImportError as exc:
-        raise InputError("--render", str(exc).splitlines()[0]) from exc
-
-
-def _slice_axis(image: Volume, folder: EngineFolder) -> int:
-    """Input axis that becomes the slice axis after reorientation."""
-    reo, _ = volume_reorientation(image, folder.axcodes)
-    return int(reo.inverse[2, 0])
+        raise InputError("--render", first_line(exc)) from exc
 
 
 def _summary(

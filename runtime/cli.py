@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 import click
 
 from promptseg.cliargs import CONTEXT, positive_int, run_command, version_option
-from promptseg.data.readers import InputError
 from promptseg.postprocess import POSTPROCESS_MODES
 from promptseg.prompts import GROUPS, TARGETS
 from promptseg.runtime.api import run
 from promptseg.runtime.dicom_seg import OUTPUT_FORMATS
 from promptseg.runtime.engines import BACKENDS, PRECISIONS
+from promptseg.runtime.errors import InputError, first_line
 from promptseg.runtime.pipeline import MODALITY_CHOICES
 
 PROG = "promptseg-run"
@@ -99,6 +99,22 @@ EPILOG = (
     "(liver, spleen, each kidney) in a volume, after overlaps are settled; none: keep all",
 )
 @click.option(
+    "--presence-threshold",
+    "presence_threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    metavar="TAU",
+    help="keep a slice's mask only where the engine's presence probability is at least TAU, "
+    "for every prompt [default: each target's tau from the engine manifest]",
+)
+@click.option(
+    "--presence-gate/--no-presence-gate",
+    "presence_gate",
+    default=True,
+    show_default=True,
+    help="gate slices by the engine's presence output (engines that have one)",
+)
+@click.option(
     "--output-format",
     "output_format",
     default="auto",
@@ -153,7 +169,7 @@ def _run(args: dict) -> int:
     except Exception as exc:  # noqa: BLE001 - one line unless debugging
         if os.environ.get("PROMPTSEG_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, default="")
         print(
             f"{PROG}: error: internal error: {type(exc).__name__}: {first} "
             "(set PROMPTSEG_DEBUG=1 for a traceback)",

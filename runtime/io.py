@@ -18,14 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.readers import (
-    InputError,
-    PathLike,
-    Volume,
-    detect_kind,
-    read_image_2d,
-    read_volume,
-)
+from promptseg.data.readers import Volume, detect_kind, read_image_2d, read_volume
+from promptseg.runtime.errors import InputError, PathLike, first_line
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png",)
@@ -76,7 +70,7 @@ def read_input(
         try:
             result = _read(path, kind, volume_index, series_uid)
         except ImportError as exc:  # an optional reader (mrcfile, tifffile) is not installed
-            raise InputError(path, str(exc).splitlines()[0]) from exc
+            raise InputError(path, first_line(exc)) from exc
     notes = [" ".join(str(w.message).split()) for w in caught]
     return result, notes
 

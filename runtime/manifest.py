@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.readers import InputError, PathLike
 from promptseg.preprocess import Preprocessing
 from promptseg.runtime.engine_format import (
     FORMAT,
@@ -33,6 +32,7 @@ from promptseg.runtime.engine_format import (
     VERSION,
     schema_problems,
 )
+from promptseg.runtime.errors import InputError, PathLike
 
 DEFAULT_ENGINE_DIR = Path(__file__).with_name("default_engine")
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}

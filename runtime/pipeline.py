@@ -1,4 +1,6 @@
-"""Segment one volume or 2-D image with one engine: the runtime's core loop (numpy only).
+"""Segment one volume or 2-D image: orientation, label map and statistics (numpy only).
+
+The slices go through the one slice path, :func:`promptseg.runtime.slices.segment_slices`.
 
 Steps (docs/engine_format.md, "Using it"):
 
@@ -7,10 +9,12 @@ Steps (docs/engine_format.md, "Using it"):
 2. Intensities are normalised with the training arithmetic (:func:`promptseg.preprocess.normalize`)
    using bounds computed once over the whole volume, then each slice is resized to R x R.
 3. Slices go through the engine in batches, the prompt's FiLM vector repeated per slice.
-4. Logits are resized to the input grid (bilinear); a voxel is on for a prompt where the sigmoid
-   of its logit exceeds the threshold. Sigmoid is monotonic, so this is computed as
-   ``logit >= logit_cutoff(threshold)`` (:func:`logit_cutoff`, same result bit for bit) and the
-   sigmoid is only evaluated where several prompts are on.
+4. Logits are resized to the input grid (bilinear); a voxel is on for a prompt where the
+   sigmoid of its logit exceeds the threshold and its slice passed the presence gate (engines
+   with a ``presence`` output; tau per target from the manifest's ``presence_thresholds``).
+   Sigmoid is monotonic, so this is computed as ``logit >= logit_cutoff(threshold)``
+   (:func:`logit_cutoff`, same result bit for bit) and the sigmoid is only evaluated where
+   several prompts are on.
 5. With several prompts, each voxel takes the label (1..K) of the most probable prompt whose
    mask is on there; equal probabilities go to the lower label (:class:`LabelVotes`).
 6. Post-processing (``postprocess="largest"``, the default): in a volume, each single-organ
@@ -31,24 +35,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from promptseg.data.readers import InputError, Volume
+from promptseg.data.readers import Volume
 from promptseg.postprocess import POSTPROCESS_MODES, applies, largest_component
 from promptseg.preprocess import (
     Preprocessing,
-    intensity_bounds,
-    normalize,
-    resize_bilinear,
     sigmoid,
 )
 from promptseg.runtime.engines import Engine
+from promptseg.runtime.errors import InputError
 from promptseg.runtime.io import Image2D
 from promptseg.runtime.orientation import Reorientation, volume_reorientation
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
+from promptseg.runtime.slices import logit_cutoff, segment_slices  # noqa: F401 - logit_cutoff re-exported
 
 MODALITY_CHOICES = ("auto", "ct", "mr")
 CT_MIN_BELOW = -500.0
@@ -80,12 +83,18 @@ class SegmentationResult:
     reorientation: Reorientation | None = None
 
 
-def choose_modality(image: Volume | Image2D, requested: str = "auto") -> str:
-    """The normalisation rule for an input (see the module docstring)."""
+def check_modality(requested: str) -> str:
+    """``requested`` if it is a known modality rule, else a one-line InputError."""
     if requested not in MODALITY_CHOICES:
         raise InputError(
             "--modality", f"unknown modality {requested!r}; valid: {', '.join(MODALITY_CHOICES)}"
         )
+    return requested
+
+
+def choose_modality(image: Volume | Image2D, requested: str = "auto") -> str:
+    """The normalisation rule for an input (see the module docstring)."""
+    check_modality(requested)
     if isinstance(image, Image2D):
         if requested != "auto":
             return requested
@@ -106,9 +115,10 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def _resolve(
+def resolve_prompt_list(
     prompts: Sequence[str | ResolvedPrompt], resolver: PromptResolver | None
 ) -> list[ResolvedPrompt]:
+    """Resolve string prompts (resolved ones pass through); 1 to 255 prompts in label order."""
     out: list[ResolvedPrompt] = []
     for p in prompts:
         if isinstance(p, ResolvedPrompt):
@@ -155,33 +165,6 @@ def check_engine(engine: Engine, pre: Preprocessing, film_dim: int) -> int:
     return res
 
 
-def logit_cutoff(threshold: float) -> np.float32:
-    """The smallest float32 logit whose float32 sigmoid exceeds ``threshold``.
-
-    ``logits >= logit_cutoff(t)`` equals ``sigmoid(logits) > t`` element for element (the
-    cutoff is found by bisection with :func:`promptseg.preprocess.sigmoid` itself, which is
-    monotonic) without evaluating the sigmoid per voxel. NaN when no logit qualifies (a
-    threshold that rounds to 1.0 in float32), so that every comparison is False.
-    """
-
-    def above(x: np.float32) -> bool:  # array vs scalar: float32 on numpy 1.x and 2.x alike
-        return bool((sigmoid(np.array([x], dtype=np.float32)) > threshold)[0])
-
-    lo, hi = np.float32(-200.0), np.float32(200.0)  # sigmoid: exactly 0 and exactly 1
-    if above(lo):
-        return np.float32(-np.inf)
-    if not above(hi):
-        return np.float32(np.nan)
-    while True:
-        mid = np.float32((float(lo) + float(hi)) / 2.0)
-        if mid == lo or mid == hi:  # adjacent float32 values
-            return hi
-        if above(mid):
-            hi = mid
-        else:
-            lo = mid
-
-
 class LabelVotes:
     """The prompts' thresholded masks on a (Z, H, W) grid, merged into a label map.
 
@@ -208,8 +191,11 @@ class LabelVotes:
         self._label: list[np.ndarray] = []
         self._logit: list[np.ndarray] = []
 
-    def add(self, start: int, label: int, logits: np.ndarray) -> None:
+    def add(self, start: int, label: int, logits: np.ndarray, on: np.ndarray | None = None) -> None:
         """Record prompt ``label``'s logits (n, H, W) on the input grid for slices from ``start``.
+
+        ``on`` is the prompt's mask there (default: ``logits >= cutoff``; the presence gate of
+        :func:`promptseg.runtime.slices.segment_slices` may have emptied some slices).
 
         Raises:
             ValueError: Not called batch by batch with labels 1, 2, ... in order.
@@ -223,7 +209,7 @@ class LabelVotes:
             raise ValueError(f"expected label {self._label_now + 1} for slice {start}, got {label}")
         self._label_now = label
         first = self.first[start : start + logits.shape[0]]
-        on = logits >= self.cutoff
+        on = logits >= self.cutoff if on is None else on
         taken = first != 0
         both = on & taken
         if both.any():
@@ -287,6 +273,146 @@ def _volume_slices(
     return reo.slices(image.data), reo, voxel_volume_ml(image.affine), warn
 
 
+@dataclass(frozen=True)
+class Options:
+    """Inference options of ``promptseg-run``, checked once by :meth:`check`.
+
+    Attributes:
+        batch: Slices per engine call.
+        threshold: Probability above which a pixel belongs to the target.
+        modality: "auto", "ct" or "mr" (see the module docstring).
+        postprocess: "largest" keeps the largest 3D connected component of each single-organ
+            target (liver, spleen, each kidney) in a volume, per prompt before the prompts
+            compete for voxels; "none" keeps every component.
+        presence_threshold: One tau for every prompt, overriding the manifest's
+            ``presence_thresholds`` (None: the manifest's).
+        presence_gate: False keeps every slice's mask whatever the presence output says.
+    """
+
+    batch: int = 16
+    threshold: float = 0.5
+    modality: str = "auto"
+    postprocess: str = "largest"
+    presence_threshold: float | None = None
+    presence_gate: bool = True
+
+    def check(self) -> Options:
+        """Raise a one-line :class:`InputError` naming the first bad option; return self."""
+        if isinstance(self.batch, bool) or int(self.batch) < 1:
+            raise InputError("--batch", f"must be at least 1, got {self.batch}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise InputError(
+                "--threshold", f"must be between 0 and 1 (exclusive), got {self.threshold}"
+            )
+        check_modality(self.modality)
+        if self.postprocess not in POSTPROCESS_MODES:
+            raise InputError(
+                "--postprocess",
+                f"unknown mode {self.postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}",
+            )
+        tau = self.presence_threshold
+        if tau is not None and not 0.0 <= float(tau) <= 1.0:
+            raise InputError("--presence-threshold", f"must be between 0 and 1, got {tau}")
+        return self
+
+    def presence_taus(
+        self, targets: Sequence[str], manifest_taus: dict[str, float] | None
+    ) -> list[float | None]:
+        """Per target the presence threshold to apply (None: no gate for that target)."""
+        if not self.presence_gate:
+            return [None] * len(targets)
+        if self.presence_threshold is not None:
+            return [float(self.presence_threshold)] * len(targets)
+        taus = manifest_taus or {}
+        return [None if taus.get(t) is None else float(taus[t]) for t in targets]
+
+
+def _slices_of(
+    image: Volume | Image2D, axcodes: str
+) -> tuple[np.ndarray, Reorientation | None, float | None, list[str]]:
+    """(Z, H, W) slices in the training orientation, the transform, voxel ml and warnings."""
+    if isinstance(image, Image2D):
+        return image.data[None], None, None, []  # (1, H, W)
+    return _volume_slices(image, axcodes)
+
+
+def segment_checked(
+    image: Volume | Image2D,
+    resolved: Sequence[ResolvedPrompt],
+    engine: Engine,
+    preprocessing: Preprocessing,
+    options: Options,
+    *,
+    axcodes: str = "LAS",
+    presence_thresholds: dict[str, float] | None = None,
+    progress: Callable[[int], Callable[[int], None] | None] | None = None,
+) -> SegmentationResult:
+    """:func:`segment` for already checked options, prompts and engine (:class:`Segmenter`).
+
+    ``progress`` is called once with the number of slices and returns the per-batch callback
+    (or None).
+    """
+    t0 = time.perf_counter()
+    mod = choose_modality(image, options.modality)
+    slices, reo, voxel_ml, warn = _slices_of(image, axcodes)
+    n_slices, height, width = slices.shape
+    seconds = {"preprocess": time.perf_counter() - t0, "infer": 0.0, "postprocess": 0.0}
+    votes = LabelVotes((n_slices, height, width), options.threshold)
+    targets = [rp.target for rp in resolved]
+    run = segment_slices(
+        engine,
+        slices,
+        [rp.film for rp in resolved],
+        preprocessing,
+        mod,
+        batch=options.batch,
+        threshold=options.threshold,
+        presence_thresholds=options.presence_taus(targets, presence_thresholds),
+        sink=lambda start, k, logits, on: votes.add(start, k + 1, logits, on),
+        progress=progress(n_slices) if progress is not None else None,
+    )
+    for key in seconds:
+        seconds[key] += run.seconds.get(key, 0.0)
+    warn += run.warnings
+    t = time.perf_counter()
+    is_volume = reo is not None and n_slices > 1
+    reduce = [
+        k
+        for k, rp in enumerate(resolved, start=1)
+        if not run.constant and applies(rp.target, options.postprocess, is_volume=is_volume)
+    ]
+    labels_zhw = votes.labels(reduce)
+    counts = np.bincount(labels_zhw.ravel(), minlength=len(resolved) + 1)
+    per_slice = [np.any(labels_zhw == k, axis=(1, 2)) for k in range(1, len(resolved) + 1)]
+    labels = labels_zhw[0] if reo is None else reo.undo(labels_zhw.transpose(1, 2, 0))
+    seconds["postprocess"] += time.perf_counter() - t
+    stats = []
+    for k, (rp, gate) in enumerate(zip(resolved, run.presence), start=1):
+        voxels = int(counts[k])
+        if gate.slices_gated and not gate.present:
+            warn.append(
+                f"{rp.target!r} is absent: the presence gate emptied all {gate.slices_gated} "
+                f"slices (highest presence probability {gate.max_probability:.3f}, threshold "
+                f"{gate.threshold:g}); its mask is empty"
+            )
+        stats.append(
+            {
+                **rp.summary(),
+                "label": k,
+                "voxels": voxels,
+                "volume_ml": None if voxel_ml is None else round(voxels * voxel_ml, 3),
+                "slices_with_target": int(per_slice[k - 1].sum()),
+                "seconds_infer": round(run.seconds.get(f"infer:{k - 1}", 0.0), 4),
+                "present": voxels > 0,
+                "presence_max_probability": None
+                if gate.max_probability is None
+                else round(gate.max_probability, 6),
+                "slices_gated": gate.slices_gated,
+            }
+        )
+    return SegmentationResult(labels, list(resolved), stats, mod, seconds, warn, reo)
+
+
 def segment(
     image: Volume | Image2D,
     prompts: Sequence[str | ResolvedPrompt],
@@ -300,8 +426,11 @@ def segment(
     axcodes: str = "LAS",
     progress: Callable[[int], None] | None = None,
     postprocess: str = "largest",
+    presence_thresholds: dict[str, float] | None = None,
+    presence_threshold: float | None = None,
+    presence_gate: bool = True,
 ) -> SegmentationResult:
-    """Segment a volume or 2-D image for one or several prompts.
+    """Segment a volume or 2-D image for one or several prompts (checks everything first).
 
     Args:
         image: A :class:`~promptseg.data.readers.Volume` (X, Y, Z) or an :class:`Image2D` (H, W).
@@ -309,108 +438,31 @@ def segment(
         engine: Any engine of :mod:`promptseg.runtime.engines`.
         resolver: Resolves string prompts (may be None when all are resolved).
         preprocessing: The engine's normalisation settings.
-        batch: Slices per engine call.
-        threshold: Probability above which a pixel belongs to the target.
-        modality: "auto", "ct" or "mr" (see the module docstring).
+        batch, threshold, modality, postprocess, presence_threshold, presence_gate: See
+            :class:`Options`.
         axcodes: Training orientation of (rows, columns, slices).
         progress: Called with the number of slices finished after every batch.
         postprocess: "largest" keeps the largest 3D connected component of each single-organ
             target (liver, spleen, each kidney) in a volume, after the prompts have
             competed for voxels; "none" keeps every component.
+        presence_thresholds: Per target tau of the presence gate (the manifest's
+            ``presence_thresholds``); used when the engine has a ``presence`` output.
 
     Returns:
         The :class:`SegmentationResult`; an all-constant input gives an empty mask and a warning.
     """
-    if batch < 1:
-        raise InputError("--batch", f"must be at least 1, got {batch}")
-    if not 0.0 < threshold < 1.0:
-        raise InputError("--threshold", f"must be between 0 and 1 (exclusive), got {threshold}")
-    if postprocess not in POSTPROCESS_MODES:
-        raise InputError(
-            "--postprocess", f"unknown mode {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)}"
-        )
-    resolved = _resolve(prompts, resolver)
-    res = check_engine(engine, preprocessing, int(resolved[0].film.shape[-1]))
-    t0 = time.perf_counter()
-    mod = choose_modality(image, modality)
-    reo: Reorientation | None = None
-    warn: list[str] = []
-    voxel_ml: float | None = None
-    if isinstance(image, Image2D):
-        slices = image.data[None]  # (1, H, W)
-    else:
-        slices, reo, voxel_ml, warn = _volume_slices(image, axcodes)  # (Z, H, W), rows x columns
-    n_slices, height, width = slices.shape
-    lo, hi = intensity_bounds(slices, mod, preprocessing)
-    window = replace(preprocessing, ct_window=(float(lo), float(hi)))
-    constant = bool(slices.min() == slices.max())
-    if constant:
-        warn.append(
-            f"all {slices.size} voxels have the value {float(slices.flat[0]):g}; nothing to segment, "
-            "the mask is empty"
-        )
-    elif hi <= lo:
-        warn.append(
-            f"the {mod} intensity window is empty ({lo:g} to {hi:g}); the model sees a blank image"
-        )
-    seconds = {"preprocess": time.perf_counter() - t0, "infer": 0.0, "postprocess": 0.0}
-    votes = LabelVotes((n_slices, height, width), threshold)
-    per_prompt_infer = [0.0] * len(resolved)
-    if not constant:
-        rows = min(batch, n_slices)
-        films = [  # each prompt's (batch, P) FiLM block, built once; batch n uses [:n]
-            np.ascontiguousarray(
-                np.broadcast_to(rp.film.astype(np.float32), (rows, rp.film.shape[-1]))
-            )
-            for rp in resolved
-        ]
-        for start in range(0, n_slices, batch):
-            t = time.perf_counter()
-            chunk = normalize(
-                slices[start : start + batch], "ct", window
-            )  # same arithmetic as training
-            small = resize_bilinear(chunk, (res, res))[:, None]  # (n, 1, R, R)
-            n = small.shape[0]
-            seconds["preprocess"] += time.perf_counter() - t
-            for k, film in enumerate(films, start=1):
-                t = time.perf_counter()
-                logits = engine.infer({"image": small, "film": film[:n]})["logits"]
-                dt = time.perf_counter() - t
-                seconds["infer"] += dt
-                per_prompt_infer[k - 1] += dt
-                t = time.perf_counter()
-                votes.add(start, k, resize_bilinear(logits[:, 0], (height, width)))
-                seconds["postprocess"] += time.perf_counter() - t
-            if progress is not None:
-                progress(n)
-    elif progress is not None:
-        progress(n_slices)
-    t = time.perf_counter()
-    is_volume = reo is not None and n_slices > 1
-    reduce = [
-        k
-        for k, rp in enumerate(resolved, start=1)
-        if not constant and applies(rp.target, postprocess, is_volume=is_volume)
-    ]
-    labels_zhw = votes.labels(reduce)
-    counts = np.bincount(labels_zhw.ravel(), minlength=len(resolved) + 1)
-    per_slice = [np.any(labels_zhw == k, axis=(1, 2)) for k in range(1, len(resolved) + 1)]
-    if reo is None:
-        labels = labels_zhw[0]
-    else:
-        labels = reo.undo(labels_zhw.transpose(1, 2, 0))
-    seconds["postprocess"] += time.perf_counter() - t
-    stats = []
-    for k, rp in enumerate(resolved, start=1):
-        voxels = int(counts[k])
-        stats.append(
-            {
-                **rp.summary(),
-                "label": k,
-                "voxels": voxels,
-                "volume_ml": None if voxel_ml is None else round(voxels * voxel_ml, 3),
-                "slices_with_target": int(per_slice[k - 1].sum()),
-                "seconds_infer": round(per_prompt_infer[k - 1], 4),
-            }
-        )
-    return SegmentationResult(labels, resolved, stats, mod, seconds, warn, reo)
+    options = Options(
+        batch, threshold, modality, postprocess, presence_threshold, presence_gate
+    ).check()
+    resolved = resolve_prompt_list(prompts, resolver)
+    check_engine(engine, preprocessing, int(resolved[0].film.shape[-1]))
+    return segment_checked(
+        image,
+        resolved,
+        engine,
+        preprocessing,
+        options,
+        axcodes=axcodes,
+        presence_thresholds=presence_thresholds,
+        progress=None if progress is None else (lambda n: progress),
+    )

@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.readers import InputError, PathLike
 from promptseg.prompts import prompt_groups
 from promptseg.runtime.engine_format import CACHE_FORMAT, CACHE_VERSION
+from promptseg.runtime.errors import InputError, PathLike, first_line
 from promptseg.runtime.manifest import EngineFolder
+from promptseg.runtime.ort_engine import ort_session
 from promptseg.runtime.tokenizer import WordPieceTokenizer
 
 # The packaged engine's calibrated margin (python scripts/calibrate_ambiguity.py), used for
@@ -234,7 +235,7 @@ class PromptCache:
         except InputError:
             raise
         except Exception as exc:  # safetensors raises SafetensorError/OSError for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InputError(p, f"corrupted prompt cache ({first})") from exc
         if meta.get("format") != CACHE_FORMAT or str(meta.get("version")) != CACHE_VERSION:
             raise InputError(
@@ -316,18 +317,8 @@ class PromptResolver:
     # ------------------------------------------------------------------ sessions
 
     def _session(self, name: str) -> Any:
-        import onnxruntime as ort
-
         path = self.folder.file(name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
-        try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(path, f"ONNX Runtime cannot load the graph ({first})") from exc
+        return ort_session(path, threads=self.threads, what=path)
 
     @property
     def tokenizer(self) -> WordPieceTokenizer:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptseg.data.readers import InputError, PathLike
+from promptseg.runtime.errors import InputError, PathLike
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 100

@@ -1,4 +1,4 @@
-"""Readers and atomic writers for medical volumes and 2-D images.
+"""Readers for medical volumes and 2-D images (the atomic writers live in :mod:`promptseg.runtime.writers`).
 
 Only numpy and the standard library are imported at module level. nibabel, pydicom, mrcfile,
 PIL and tifffile are imported inside the functions that need them, so the torch-free runtime can
@@ -20,10 +20,7 @@ Axis conventions (all readers return a :class:`Volume` with ``data`` of shape (X
 from __future__ import annotations
 
 import importlib
-import os
-import secrets
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-PathLike = str | os.PathLike[str]
+from promptseg.runtime.errors import InputError, PathLike, first_line
+from promptseg.runtime.writers import (  # noqa: F401 - their old home; import them from there
+    atomic_write as _atomic_write,
+)
+from promptseg.runtime.writers import (  # noqa: F401
+    write_nifti_atomic,
+    write_png_atomic,
+    write_text_atomic,
+)
 
 _EXTRAS: dict[str, str] = {
     "nibabel": "promptseg",
@@ -61,22 +66,6 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x1f\x8b", "gzip data"),
 )
 _DICOM_SPACING_RTOL = 0.01
-
-
-class InputError(ValueError):
-    """A bad input file or folder; the message is one line naming the path."""
-
-    def __init__(self, path: PathLike, problem: str | None = None) -> None:
-        """Build ``"<path>: <problem>"`` collapsed onto one line.
-
-        Args:
-            path: The offending file or folder, as the user gave it (or, with ``problem``
-                omitted, a complete message).
-            problem: What is wrong and what was expected.
-        """
-        self.path = str(path) if problem is not None else ""
-        text = str(path) if problem is None else f"{path}: {problem}"
-        super().__init__(" ".join(text.split()))
 
 
 @dataclass
@@ -140,12 +129,6 @@ def _check_file(path: PathLike, expected: str) -> Path:
     return p
 
 
-def _first_line(exc: BaseException) -> str:
-    """First line of an exception message, or its type name if empty."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _check_finite(path: PathLike, data: np.ndarray) -> None:
     """Raise InputError if ``data`` holds NaN or Inf values."""
     n_nan = int(np.count_nonzero(np.isnan(data)))
@@ -177,8 +160,8 @@ def _nifti_reason(path: Path, exc: BaseException) -> str:
     if "not a gzip file" in str(exc).lower():
         return "not gzip-compressed although the name ends in .gz"
     if "bytes from file" in str(exc):
-        return f"truncated data: {_first_line(exc)}"
-    return _first_line(exc).replace(str(path), "file")
+        return f"truncated data: {first_line(exc)}"
+    return first_line(exc).replace(str(path), "file")
 
 
 def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
@@ -254,12 +237,28 @@ def read_nifti(path: PathLike, volume_index: int | None = None) -> Volume:
     """
     p = _check_file(path, "a NIfTI volume")
     img, arr = _load_nifti(p)
-    arr = _pick_volume(p, arr, volume_index)
+    return nifti_volume(img, path, volume_index, arr)
+
+
+def nifti_volume(
+    img: Any, source: PathLike, volume_index: int | None = None, arr: np.ndarray | None = None
+) -> Volume:
+    """A :class:`Volume` of an in-memory nibabel NIfTI image (checked like :func:`read_nifti`).
+
+    Args:
+        img: A nibabel ``Nifti1Image`` (or ``Nifti2Image``).
+        source: What to name in messages and ``Volume.source``.
+        volume_index: Volume of a 4-D image.
+        arr: The image's voxel array when already read (default: ``img.dataobj``).
+    """
+    if arr is None:
+        arr = np.asanyarray(img.dataobj)
+    arr = _pick_volume(Path(source), arr, volume_index)
     data = np.asarray(arr, dtype=np.float32)
-    _check_finite(path, data)
+    _check_finite(source, data)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(path, "invalid voxel-to-world affine (singular or non-finite)")
+        raise InputError(source, "invalid voxel-to-world affine (singular or non-finite)")
     nib = _import_optional("nibabel")
     meta = {
         "nifti_header": img.header,
@@ -268,7 +267,7 @@ def read_nifti(path: PathLike, volume_index: int | None = None) -> Volume:
         "volume_index": volume_index,
         "orientation_known": _nifti_orientation_known(img.header),
     }
-    return Volume(data, affine, _spacing_from_affine(affine), str(path), "nifti", meta)
+    return Volume(data, affine, _spacing_from_affine(affine), str(source), "nifti", meta)
 
 
 def _nifti_orientation_known(header: Any) -> bool:
@@ -303,7 +302,7 @@ def _slice_header(path: Path) -> _Slice | None:
     except errors.InvalidDicomError:
         return None
     except Exception as exc:  # pydicom raises many types for corrupt files
-        raise InputError(path, f"corrupt DICOM file ({_first_line(exc)})") from exc
+        raise InputError(path, f"corrupt DICOM file ({first_line(exc)})") from exc
     needed = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient")
     if not all(name in ds for name in needed):
         return None
@@ -419,7 +418,7 @@ def _slice_pixels(path: Path) -> tuple[np.ndarray, Any]:
         ds = pydicom.dcmread(str(path), force=False)
         pixels = np.asarray(ds.pixel_array)
     except Exception as exc:  # missing decoders raise RuntimeError/NotImplementedError
-        raise InputError(path, f"cannot decode DICOM pixel data ({_first_line(exc)})") from exc
+        raise InputError(path, f"cannot decode DICOM pixel data ({first_line(exc)})") from exc
     if pixels.ndim != 2:
         raise InputError(path, f"pixel data of shape {pixels.shape}; expected one 2-D slice")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -508,7 +507,7 @@ def read_mrc(path: PathLike) -> Volume:
             vox = mrc.voxel_size
             size = (float(vox.x), float(vox.y), float(vox.z))
     except Exception as exc:  # mrcfile raises ValueError/OSError/EOFError for bad files
-        raise InputError(path, f"not a valid MRC file ({_first_line(exc)})") from exc
+        raise InputError(path, f"not a valid MRC file ({first_line(exc)})") from exc
     if data.ndim != 3:
         shape = tuple(int(s) for s in data.shape)
         raise InputError(path, f"got a {data.ndim}-D MRC of shape {shape}; expected a 3-D volume")
@@ -600,7 +599,7 @@ def read_image_2d(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         raise
     except Exception as exc:  # PIL/tifffile raise many types for corrupt files
         what = _sniff(p)
-        reason = f"the file holds {what}" if what else _first_line(exc).replace(str(p), "file")
+        reason = f"the file holds {what}" if what else first_line(exc).replace(str(p), "file")
         raise InputError(path, f"not a readable PNG/JPEG/TIFF image ({reason})") from exc
     _check_finite(path, image)
     return image, info
@@ -671,93 +670,3 @@ def read_volume(
     if header is None:
         raise InputError(path, "not a DICOM image slice")
     return read_dicom_series(p.parent, series_uid or header.series_uid)
-
-
-# --------------------------------------------------------------------------- atomic writers
-
-
-def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Write via a temp file in the target folder, then ``os.replace`` it into place.
-
-    The temp file is ``.tmp-<random>-<name>`` so suffix-based writers keep the format. On any
-    failure it is removed and the target is left untouched.
-
-    Args:
-        path: Final file path.
-        write: Function writing the complete file to the path it is given.
-
-    Returns:
-        The final path.
-
-    Raises:
-        InputError: The target folder is missing or not writable.
-    """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise InputError(path, f"cannot write: folder {target.parent} does not exist")
-    tmp = target.parent / f".tmp-{secrets.token_hex(6)}-{target.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise InputError(path, f"cannot write ({_first_line(exc)})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def _check_dtype(data: np.ndarray, dtype: Any) -> np.ndarray:
-    """Cast numeric ``data`` to ``dtype``; raise TypeError for non-numeric data."""
-    arr = np.asarray(data)
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"cannot write array of dtype {arr.dtype}; expected bool, int or float")
-    return arr.astype(dtype, copy=False)
-
-
-def write_nifti_atomic(
-    data: np.ndarray,
-    affine: np.ndarray,
-    path: PathLike,
-    header: Any = None,
-    dtype: Any = np.uint8,
-) -> Path:
-    """Write a NIfTI file atomically (.nii.gz is gzip-compressed).
-
-    Args:
-        data: Array (X, Y, Z) (any numeric dtype; cast to ``dtype``).
-        affine: (4, 4) voxel -> RAS+ mm.
-        path: Target .nii or .nii.gz path.
-        header: Optional nibabel header to reuse (e.g. ``Volume.meta["nifti_header"]``).
-        dtype: On-disk data type.
-
-    Returns:
-        The written path.
-    """
-    nib = _import_optional("nibabel")
-    arr = _check_dtype(data, dtype)
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=header)
-    img.set_data_dtype(dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    return _atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
-
-
-def write_png_atomic(array: np.ndarray, path: PathLike) -> Path:
-    """Write a uint8 (H, W) array as a greyscale PNG atomically.
-
-    Raises:
-        TypeError: ``array`` is not uint8.
-        ValueError: ``array`` is not 2-D.
-    """
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"write_png_atomic needs uint8 data, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"write_png_atomic needs a 2-D (H, W) array, got shape {arr.shape}")
-    pil = _import_optional("PIL.Image")
-    image = pil.fromarray(arr)
-    return _atomic_write(path, lambda tmp: image.save(str(tmp), format="PNG"))
-
-
-def write_text_atomic(text: str, path: PathLike) -> Path:
-    """Write UTF-8 text atomically."""
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

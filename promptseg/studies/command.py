@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from promptseg.cliargs import positive_int
+from promptseg.runtime.errors import first_line
 from promptseg.studies import CACHE  # torch-free: this module only declares the options
 
 
@@ -65,6 +66,6 @@ def _check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError as exc:
-        raise ValueError(f"--device {device!r}: {str(exc).splitlines()[0]}") from exc
+        raise ValueError(f"--device {device!r}: {first_line(exc)}") from exc
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: no CUDA device is available")

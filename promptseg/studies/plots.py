@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptseg.data.readers import _atomic_write
+from promptseg.runtime.writers import atomic_write as _atomic_write
 
 LABELS = {
     "dice": "Dice",

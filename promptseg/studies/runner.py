@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from promptseg.data.datasets import splits_sha256
-from promptseg.data.readers import _atomic_write
+from promptseg.runtime.writers import atomic_write as _atomic_write
 from promptseg.studies import CACHE
 from promptseg.studies.spec import METRICS, RunSpec
 
