@@ -166,12 +166,27 @@ def cmd_evaluate(args: Namespace) -> int:
         threads=args.threads,
         threshold=args.threshold,
         postprocess=args.postprocess,
+        presence_gate=args.presence_gate,
+        presence_threshold=args.presence_threshold,
     )
     for target, row in summary["targets"].items():
-        print(f"{target:18s} dice {row['dice_mean']:.4f}  n={row['n']}")
+        print(
+            f"{target:18s} dice {row['dice_mean']:.4f} (gated {row['dice_gated_mean']:.4f}, "
+            f"ungated {row['dice_ungated_mean']:.4f})  n={row['n']}"
+        )
+    rates = [
+        f"{name} {summary[key]:.4f}"
+        for name, key in (
+            ("all", "absent_empty_rate"),
+            ("same domain", "absent_same_domain_empty_rate"),
+            ("cross domain", "absent_cross_domain_empty_rate"),
+            ("ungated", "absent_empty_rate_ungated"),
+        )
+        if summary[key] is not None
+    ]
     print(
-        f"absent-target empty rate {summary['absent_empty_rate']:.4f} "
-        f"(n={summary['absent_n']}); wrote {args.out / 'summary.json'}"
+        f"absent-target empty rate: {', '.join(rates)} (n={summary['absent_n']}); "
+        f"wrote {args.out / 'summary.json'}"
     )
     return 0
 
@@ -278,7 +293,9 @@ def study_command(**options: Any) -> int:
 @click.option("--data", required=True, type=PATH, help="folder in the dataset's layout")
 @click.option("--dataset", required=True, type=click.Choice(KINDS))
 @click.option("--out", required=True, type=PATH)
-@click.option("--split", type=click.Choice(["train", "val"]), help="only this documented split")
+@click.option(
+    "--split", type=click.Choice(["train", "tune", "val"]), help="only this documented split"
+)
 @click.option(
     "--prompt-set",
     "prompt_set",
@@ -292,8 +309,23 @@ def study_command(**options: Any) -> int:
 @click.option(
     "--postprocess",
     type=click.Choice(["none", "largest"]),
-    default="none",
-    help="'largest': keep the largest 3D component of organ masks in volumes",
+    default="largest",
+    show_default=True,
+    help="'largest': keep the largest 3D component of organ masks in volumes (as promptseg-run)",
+)
+@click.option(
+    "--presence-gate/--no-presence-gate",
+    "presence_gate",
+    default=True,
+    show_default=True,
+    help="empty slices whose presence probability is below the target's tau (as promptseg-run)",
+)
+@click.option(
+    "--presence-threshold",
+    "presence_threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="one tau for every target [default: the checkpoint's presence_thresholds, else 0.5]",
 )
 def evaluate_command(**options: Any) -> int:
     return _handler(cmd_evaluate)(**options)

@@ -5,10 +5,13 @@ brain tumour or BTCV slice is one case (2D metrics; distances in pixels since PN
 spacing). Every target a case annotates is prompted. Present targets give metric rows; absent
 ones are scored slice by slice as "answered with an empty mask" or not.
 
-Masks are the probabilities above ``--threshold``. ``--postprocess largest`` keeps only the
-largest 3D connected component of each single-organ mask (liver, spleen, either kidney) in
-volumes before scoring (:mod:`promptseg.postprocess`); tumours and 2D slice cases are never
-reduced. The default ``none`` scores the raw thresholded masks; ``summary.json`` records which.
+By default the scores are those of what ``promptseg-run`` delivers: masks are the
+probabilities above ``--threshold`` on the slices that pass the presence gate (each target's
+tau from the checkpoint), and each single-organ mask (liver, spleen, either kidney) of a volume
+keeps only its largest 3D connected component (:mod:`promptseg.postprocess`; tumours and 2D
+slice cases are never reduced). ``--no-presence-gate`` and ``--postprocess none`` turn each
+off. The ungated and gated Dice and empty rates are written beside the deployed ones, and the
+absent-target empty rate is split into same-domain and cross-domain prompts.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from promptseg.checkpoint import LoadedCheckpoint, load_checkpoint
 from promptseg.data.bank import DOMAIN
 from promptseg.data.datasets import DATASET_FOLDERS, KINDS, Case, load_cases
 from promptseg.metrics import segmentation_metrics
-from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.postprocess import POSTPROCESS_MODES, applies, largest_component
 from promptseg.preprocess import normalize
-from promptseg.runtime.slices import SliceMasks
+from promptseg.presence import DEFAULT_TAU
+from promptseg.runtime.slices import Presence, SliceMasks
 from promptseg.runtime.writers import atomic_write, write_figure_atomic, write_json_atomic
 
 METRIC_KEYS = (
@@ -159,6 +163,24 @@ class _Prompting:
         return random.Random(f"{self.seed}:{case_id}:{target}").choice(pool)
 
 
+def dice_of(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two bool arrays (1.0 when both are empty)."""
+    denom = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / denom if denom else 1.0
+
+
+def gated_variants(
+    case: Case, target: str, mask: np.ndarray, presence: Presence, tau: float
+) -> dict[str, np.ndarray]:
+    """The ungated mask (Z, H, W) and the gated one (slices with presence < ``tau`` emptied;
+    the same array when the model has no presence output)."""
+    gated = mask
+    if presence.slice_probability is not None:
+        gated = mask.copy()
+        gated[presence.slice_probability < tau] = False
+    return {"ungated": mask, "gated": gated}
+
+
 def _kidney_overlap(pred: np.ndarray, case: Case) -> dict[str, float]:
     """Fraction of predicted voxels inside the left / right kidney truth."""
     total = max(int(pred.sum()), 1)
@@ -185,7 +207,9 @@ def evaluate(
     threshold: float = 0.5,
     max_cases: int = 0,
     progress: bool = True,
-    postprocess: str = "none",
+    postprocess: str = "largest",
+    presence_gate: bool = True,
+    presence_threshold: float | None = None,
 ) -> dict:
     """Evaluate every case of ``data`` (or one split); write cases.csv, summary.json, PNG grid.
 
@@ -201,8 +225,13 @@ def evaluate(
         threshold: Probability threshold of the masks.
         max_cases: First N cases only (0: all).
         progress: Show a progress bar.
-        postprocess: "none", or "largest": keep the largest 3D component of single-organ masks
-            in volumes before scoring (:func:`promptseg.postprocess.applies`).
+        postprocess: "largest" (``promptseg-run``'s default): keep the largest 3D component of
+            single-organ masks in volumes before scoring
+            (:func:`promptseg.postprocess.applies`); "none": keep every component.
+        presence_gate: Empty the slices whose presence probability is below the target's tau
+            (the checkpoint's ``presence_thresholds``, else 0.5), as ``promptseg-run`` does.
+            The ungated Dice and empty rates are reported beside the deployed ones either way.
+        presence_threshold: One tau for every target instead of the checkpoint's.
 
     Raises:
         FileNotFoundError: Missing checkpoint or data folder.
@@ -230,18 +259,26 @@ def evaluate(
     absent: list[dict] = []
     kidney: dict[str, list[dict[str, float]]] = {"left kidney": [], "right kidney": []}
     samples: list[dict] = []
+    taus = {
+        t: presence_threshold
+        if presence_threshold is not None
+        else loaded.presence_thresholds.get(t, DEFAULT_TAU)
+        for t in loaded.vocabulary.targets
+    }
     for case in iter_cases(
         dataset, data, split, max_cases=max_cases, progress=progress, desc=f"evaluate {dataset}"
     ):
         targets = [t for t in case.masks if t in loaded.vocabulary.targets]
         prompts = [prompting.prompt(loaded, t, case.case_id) for t in targets]
-        out_case = predictor.segment(
-            case, prompts, targets, threshold=threshold, postprocess=postprocess, probabilities=True
-        )
+        raw = predictor.segment(case, prompts, targets, threshold=threshold, probabilities=True)
         slices = normalize(case.image, case.modality, loaded.preprocessing)  # shown in the grid
-        for target, prompt, pred, prob in zip(
-            targets, prompts, out_case.masks, out_case.probabilities
-        ):
+        for k, (target, prompt) in enumerate(zip(targets, prompts)):
+            variants = gated_variants(case, target, raw.masks[k], raw.presence[k], taus[target])
+            for name, mask in variants.items():
+                if applies(target, postprocess, case.is_volume):
+                    variants[name] = largest_component(mask)
+            pred = variants["gated" if presence_gate else "ungated"]
+            prob = np.where(pred, raw.probabilities[k], 0.0)
             truth = case.masks[target]
             if truth.any():
                 m = case_metrics(case, pred, truth, prob)
@@ -249,7 +286,9 @@ def evaluate(
                     "case": case.case_id,
                     "target": target,
                     "prompt": prompt,
-                    **{k: m.get(k, float("nan")) for k in METRIC_KEYS},
+                    **{k2: m.get(k2, float("nan")) for k2 in METRIC_KEYS},
+                    "dice_ungated": dice_of(variants["ungated"], truth),
+                    "dice_gated": dice_of(variants["gated"], truth),
                     "truth_voxels": int(truth.sum()),
                     "pred_voxels": int(pred.sum()),
                 }
@@ -264,11 +303,15 @@ def evaluate(
                         "slice": int(z),
                         "target": target,
                         "empty": bool(not pred[z].any()),
+                        "empty_ungated": bool(not variants["ungated"][z].any()),
+                        "empty_gated": bool(not variants["gated"][z].any()),
                         "same_domain": target in DOMAIN[case.dataset],
                     }
                 )
     summary = _summarise(rows, absent, kidney, loaded, dataset, split, prompt_set, threshold)
     summary["postprocess"] = postprocess
+    summary["presence_gate"] = presence_gate
+    summary["presence_thresholds"] = taus
     summary["seconds"] = round(time.time() - started, 1)
     write_csv(rows, out / "cases.csv")
     write_csv(absent, out / "absent.csv")
@@ -299,12 +342,15 @@ def _summarise(
             vals = vals[np.isfinite(vals)]
             entry[f"{key}_mean"] = float(vals.mean()) if vals.size else None
             entry[f"{key}_std"] = float(vals.std()) if vals.size else None
+        for variant in ("dice_ungated", "dice_gated"):
+            entry[f"{variant}_mean"] = float(np.mean([r[variant] for r in sel]))
         targets[target] = entry
     by_target = {}
     for target in sorted({a["target"] for a in absent}):
         sel = [a["empty"] for a in absent if a["target"] == target]
         by_target[target] = {"empty_rate": float(np.mean(sel)), "n": len(sel)}
     same = [a["empty"] for a in absent if a["same_domain"]]
+    cross = [a["empty"] for a in absent if not a["same_domain"]]
     confusion = {
         t: ({k: float(np.mean([o[k] for o in v])) for k in ("left", "right")} if v else None)
         for t, v in kidney.items()
@@ -322,6 +368,20 @@ def _summarise(
         "absent_n": len(absent),
         "absent_same_domain_empty_rate": float(np.mean(same)) if same else None,
         "absent_same_domain_n": len(same),
+        "absent_cross_domain_empty_rate": float(np.mean(cross)) if cross else None,
+        "absent_cross_domain_n": len(cross),
+        **{
+            f"absent_empty_rate_{v}": float(np.mean([a[f"empty_{v}"] for a in absent]))
+            if absent
+            else None
+            for v in ("ungated", "gated")
+        },
+        **{
+            f"mean_dice_{v}": float(np.mean([t[f"dice_{v}_mean"] for t in targets.values()]))
+            if targets
+            else None
+            for v in ("ungated", "gated")
+        },
         "absent_by_target": by_target,
         "kidney_confusion": confusion,
         "vocabulary_sha256": loaded.vocabulary.sha256(),

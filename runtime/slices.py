@@ -155,12 +155,14 @@ class Presence:
         max_probability: Highest sigmoid(presence) over the slices (None: no presence output).
         slices_gated: Slices whose mask the gate emptied (0 with the gate off).
         threshold: The tau applied (None: gate off or no presence output).
+        slice_probability: (Z,) sigmoid(presence) per slice (None: no presence output).
     """
 
     present: bool = False
     max_probability: float | None = None
     slices_gated: int = 0
     threshold: float | None = None
+    slice_probability: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -293,6 +295,9 @@ def segment_slices(
             gate, gated = presence[k], None
             if pres is not None:
                 prob = sigmoid(pres)
+                if gate.slice_probability is None:
+                    gate.slice_probability = np.full(n, np.nan, np.float32)
+                gate.slice_probability[start : start + m] = prob.reshape(m)
                 gate.max_probability = max(gate.max_probability or 0.0, float(prob.max()))
                 if taus[k] is not None:
                     gate.threshold = float(taus[k])
