@@ -3,9 +3,9 @@
 // Reads an engine folder (docs/engine_format.md) and prints, as one JSON object on stdout:
 // the manifest summary (with the presence output and thresholds of newer engines), the listed
 // files, the prompt cache size and, per --prompt, the cached FiLM vector's length, leading
-// values, L2 norm and sum, and the presence threshold of its target. Exit status 2 with one line on stderr
-// for bad input: a missing or wrongly sized file, a sha256 mismatch (--verify), a corrupted
-// cache, an unknown prompt.
+// values, L2 norm and sum, and the presence threshold of its target. Exit status 2 with one
+// line on stderr for bad input: a missing or wrongly sized file, a sha256 mismatch (--verify),
+// a corrupted cache, an unknown prompt.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

@@ -402,7 +402,8 @@ void test_manifest(const fs::path& work) {
   // Malformed JSON: the file, "invalid JSON" and where, on one line (line and column as
   // Python's json module reports them for the same text).
   CHECK_THROWS(bad("{\"format\": "), "manifest.json", "invalid JSON at line 1");
-  CHECK_THROWS(bad(ok.substr(0, ok.size() - 3)), "manifest.json", "invalid JSON at line 17, column 133");
+  CHECK_THROWS(bad(ok.substr(0, ok.size() - 3)), "manifest.json",
+               "invalid JSON at line 17, column 133");
   CHECK_THROWS(bad(without(R"("version": 1,)", R"('version': 1,)")), "manifest.json",
                "invalid JSON at line 2, column 33");
   CHECK_THROWS(bad(without(R"("int8": null})", R"("int8": null,})")), "manifest.json",
@@ -441,7 +442,8 @@ std::string replaced(std::string text, const std::string& from, const std::strin
 void test_presence(const fs::path& work) {
   const fs::path where = work / "engine" / "manifest.json";
   const std::string old = manifest_text(std::string(64, 'a'), 10);
-  const std::string logits_only = R"("outputs": [{"name": "logits", "shape": ["N", 1, 32, 32], "dtype": "float32"}],)";
+  const std::string logits_only =
+      R"("outputs": [{"name": "logits", "shape": ["N", 1, 32, 32], "dtype": "float32"}],)";
   const std::string with_presence =
       replaced(old, logits_only,
                R"("outputs": [{"name": "logits", "shape": ["N", 1, 32, 32], "dtype": "float32"},

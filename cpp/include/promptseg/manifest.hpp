@@ -108,7 +108,8 @@ inline constexpr const char* kPromptCacheName = "prompt_cache.safetensors";
 /// Checks format/version, that the FiLM layout tiles [0, film_dim) exactly, that the image
 /// input is [N, 1, R, R] and the film input [N, film_dim] where given, that the outputs are
 /// logits [N, 1, R, R] and optionally presence [N, 1], that presence thresholds lie in [0, 1],
-/// and that file names stay inside the folder. Throws Error("<dir>/manifest.json: field 'x.y': ...") otherwise.
+/// and that file names stay inside the folder. Throws
+/// Error("<dir>/manifest.json: field 'x.y': ...") otherwise.
 Manifest read_manifest(const std::filesystem::path& engine_dir);
 
 /// Same, from text already in memory (``path`` only names the file in messages).
