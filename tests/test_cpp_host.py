@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,8 +130,18 @@ def _cache_prompts() -> list[tuple[str, str]]:
     return pairs
 
 
-def _write_manifest(folder: Path, film_dim: int, embed_dim: int, targets: list[str]) -> Path:
-    """manifest.json per docs/engine_format.md, listing every other file with sha256 + bytes."""
+def _write_manifest(
+    folder: Path,
+    film_dim: int,
+    embed_dim: int,
+    targets: list[str],
+    presence_thresholds: dict[str, float] | None = None,
+) -> Path:
+    """manifest.json per docs/engine_format.md, listing every other file with sha256 + bytes.
+
+    With ``presence_thresholds`` the image graph gets the second output ``presence`` [N, 1]
+    and the manifest those thresholds, as newer exports write them.
+    """
     files = {
         p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
         for p in sorted(folder.iterdir())
@@ -167,14 +178,20 @@ def _write_manifest(folder: Path, film_dim: int, embed_dim: int, targets: list[s
         "opset": 17,
         "files": files,
     }
+    if presence_thresholds is not None:
+        manifest["outputs"].append({"name": "presence", "shape": ["N", 1], "dtype": "float32"})
+        manifest["presence_thresholds"] = presence_thresholds
     path = folder / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return path
 
 
-def _write_engine(folder: Path, seed: int = 0) -> dict[str, object]:
+def _write_engine(
+    folder: Path, seed: int = 0, presence_thresholds: dict[str, float] | None = None
+) -> dict[str, object]:
     """A contract-shaped engine folder (manifest + prompt cache) with float32 values that stress
-    printing: normal, tiny, huge, negative zero."""
+    printing: normal, tiny, huge, negative zero (and the presence output with
+    ``presence_thresholds`` when given)."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +216,7 @@ def _write_engine(folder: Path, seed: int = 0) -> dict[str, object]:
         },
     )
     vocab_targets = list(PromptVocabulary().targets)
-    _write_manifest(folder, film_dim, EMBED_DIM, vocab_targets)
+    _write_manifest(folder, film_dim, EMBED_DIM, vocab_targets, presence_thresholds)
     return {"dir": folder, "prompts": prompts, "targets": targets, "film": film}
 
 
@@ -268,6 +285,8 @@ def _compare_with_python(report: dict, view: dict[str, object], folder: Path) ->
     assert report["preprocessing"]["mr_percentiles"] == list(pre["mr_percentiles"])
     assert report["orientation"] == manifest["orientation"]["axcodes"] == "LAS"
     assert report["targets"] == manifest["targets"]
+    assert report["presence_output"] == ("presence" in [t["name"] for t in manifest["outputs"]])
+    assert report["presence_thresholds"] == manifest.get("presence_thresholds", {})
     assert report["graphs"] == {k: v for k, v in manifest["graphs"].items() if v is not None}
     assert (report["tensorrt"] is None) == ("tensorrt" not in manifest)
     assert {f["name"]: f["sha256"] for f in report["files"]} == {
@@ -293,6 +312,8 @@ def _check_lookups(report: dict, view: dict[str, object], expected: list[tuple[s
         assert lookup["match"] == kind
         assert lookup["index"] == row
         assert lookup["target"] == targets[row]
+        taus = view["manifest"].get("presence_thresholds", {})
+        assert lookup["presence_threshold"] == taus.get(targets[row])
         assert lookup["length"] == film.shape[1]
         values = np.asarray(lookup["values"], dtype=np.float64)
         expected_row = film[row].astype(np.float64)
@@ -426,6 +447,90 @@ def test_inspect_error_paths(cpp_build, tmp_path):
     _assert_one_line_error(_run([cpp_build["inspect"]]), "missing ENGINE_DIR")
     _assert_one_line_error(_inspect(cpp_build, folder, "--bogus"), "unknown option '--bogus'")
     _assert_one_line_error(_inspect(cpp_build, tmp_path / "nowhere"), "nowhere", "not a directory")
+
+
+def test_inspect_reads_presence_output_and_thresholds(cpp_build, tmp_path):
+    """Newer engines: the ``presence`` output and per-target thresholds, as Python reads them;
+    older engines: neither."""
+    taus = {"liver": 0.35, "spleen": 0.6, "left kidney": 1.0, "glioma": 0.0}
+    engine = _write_engine(tmp_path / "engine", presence_thresholds=taus)
+    view = _python_view(engine["dir"])
+    asked = [
+        ("Segment the liver", "Segment the liver", "exact"),
+        ("Segment the right kidney", "Segment the right kidney", "exact"),
+        ("segment the spleen.", "Segment the spleen", "normalized"),
+    ]
+    args = [a for prompt, _, _ in asked for a in ("--prompt", prompt)]
+    report = _inspect_json(cpp_build, engine["dir"], "--verify", *args)
+    _compare_with_python(report, view, engine["dir"])
+    _check_lookups(report, view, asked)
+    assert report["presence_output"] is True
+    assert report["outputs"][1] == {"name": "presence", "shape": ["N", 1], "dtype": "float32"}
+    assert report["presence_thresholds"] == taus
+    assert [lookup["presence_threshold"] for lookup in report["lookups"]] == [0.35, None, 0.6]
+
+    older = _inspect_json(cpp_build, _write_engine(tmp_path / "older")["dir"], *args)
+    assert older["presence_output"] is False and older["presence_thresholds"] == {}
+    assert len(older["outputs"]) == 1
+    assert [lookup["presence_threshold"] for lookup in older["lookups"]] == [None] * 3
+
+
+def test_inspect_refuses_bad_presence_fields(cpp_build, tmp_path):
+    """A bad threshold or presence output: exit 2, one line naming manifest.json and the field."""
+    engine = _write_engine(tmp_path / "engine", presence_thresholds={"liver": 0.5})
+    manifest_path = Path(engine["dir"]) / "manifest.json"
+    good = json.loads(manifest_path.read_text(encoding="utf-8"))
+    logits_only = good["outputs"][:1]
+    presence = dict(good["outputs"][1])
+    cases = [
+        ({"presence_thresholds": {"liver": 1.5}}, "field 'presence_thresholds.liver'", "[0, 1]"),
+        ({"presence_thresholds": {"liver": "high"}}, "field 'presence_thresholds.liver'", "string"),
+        ({"presence_thresholds": [0.5]}, "field 'presence_thresholds'", "an object"),
+        (
+            {"outputs": [*logits_only, {**presence, "shape": ["N", 1, 1]}]},
+            "field 'outputs[1].shape'",
+            "[N, 1]",
+        ),
+        (
+            {"outputs": [*logits_only, {**presence, "shape": ["N", 2]}]},
+            "field 'outputs[1].shape[1]'",
+            "expected 1",
+        ),
+        (
+            {"outputs": [*logits_only, {**presence, "name": "scores"}]},
+            "field 'outputs'",
+            "presence",
+        ),
+    ]
+    for change, *fragments in cases:
+        manifest_path.write_text(json.dumps({**good, **change}), encoding="utf-8")
+        _assert_one_line_error(_inspect(cpp_build, engine["dir"]), "manifest.json", *fragments)
+    manifest_path.write_text(json.dumps(good), encoding="utf-8")
+    assert _inspect(cpp_build, engine["dir"]).returncode == 0
+
+
+def test_vendored_libraries_are_unchanged_upstream_copies():
+    """cpp/third_party holds nlohmann/json and PicoSHA2 as released, with their MIT licences;
+    third_party/README.md records the versions and the hashes checked here."""
+    third = CPP / "third_party"
+    readme = (third / "README.md").read_text(encoding="utf-8")
+    recorded = {
+        path: digest for digest, path in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M)
+    }
+    assert set(recorded) == {
+        "nlohmann_json/include/nlohmann/json.hpp",
+        "picosha2/include/picosha2.h",
+    }
+    for path, digest in recorded.items():
+        assert _sha256(third / path) == digest, f"{path} differs from the recorded upstream copy"
+    for licence in ("nlohmann_json/LICENSE.MIT", "picosha2/LICENSE"):
+        assert (third / licence).read_text(encoding="utf-8").startswith("MIT License")
+    header = (third / "nlohmann_json/include/nlohmann/json.hpp").read_text(encoding="utf-8")
+    version = ".".join(
+        re.search(rf"#define NLOHMANN_JSON_VERSION_{part} (\d+)", header).group(1)
+        for part in ("MAJOR", "MINOR", "PATCH")
+    )
+    assert f"v{version}" in readme
 
 
 @pytest.mark.slow

@@ -37,6 +37,10 @@ def engine_variants() -> dict[str, tuple[dict, bool]]:
     digest["files"]["model.onnx"]["sha256"] = "not hex"
     output = copy.deepcopy(base)
     output["outputs"][0]["name"] = "mask"
+    tau = copy.deepcopy(newer)
+    tau["presence_thresholds"]["liver"] = 1.5
+    presence_rank = copy.deepcopy(newer)
+    presence_rank["outputs"][1]["shape"] = ["N", 1, 1]
     return {
         "packaged": (base, True),
         "newer": (newer, True),
@@ -44,6 +48,8 @@ def engine_variants() -> dict[str, tuple[dict, bool]]:
         "film_dim": (film, False),
         "sha256": (digest, False),
         "output_name": (output, False),
+        "presence_threshold": (tau, False),
+        "presence_rank": (presence_rank, False),
     }
 
 

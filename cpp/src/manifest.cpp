@@ -2,6 +2,7 @@
 #include "promptseg/manifest.hpp"
 
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <system_error>
 
@@ -10,6 +11,12 @@ namespace promptseg {
 namespace fs = std::filesystem;
 
 namespace {
+
+/// A member that is present and not null, or nullptr.
+const json::Value* optional_member(const json::Value& object, const std::string& key) {
+  const json::Value* v = json::find(object, key);
+  return v == nullptr || v->is_null() ? nullptr : v;
+}
 
 /// Typed field access that names the file and the dotted field path in every error.
 class Fields {
@@ -26,7 +33,7 @@ class Fields {
 
   const json::Value& require(const json::Value& object, const std::string& parent,
                              const std::string& key, const char* expected) const {
-    const json::Value* v = object.find(key);
+    const json::Value* v = json::find(object, key);
     if (v == nullptr) {
       fail(join(parent, key), std::string("missing (expected ") + expected + ")");
     }
@@ -35,20 +42,20 @@ class Fields {
 
   std::string string(const json::Value& v, const std::string& field) const {
     if (!v.is_string()) {
-      fail(field, std::string("expected a string, got ") + json::type_name(v.type()));
+      fail(field, std::string("expected a string, got ") + json::type_name(v));
     }
-    return v.as_string();
+    return v.get<std::string>();
   }
 
   std::int64_t integer(const json::Value& v, const std::string& field) const {
     if (!v.is_number()) {
-      fail(field, std::string("expected an integer, got ") + json::type_name(v.type()));
+      fail(field, std::string("expected an integer, got ") + json::type_name(v));
     }
-    try {
-      return v.as_int();
-    } catch (const Error& e) {
-      fail(field, e.what());
+    std::optional<std::int64_t> n = json::exact_integer(v);
+    if (!n) {
+      fail(field, "expected an integer, got " + json::dump(v));
     }
+    return *n;
   }
 
   std::int64_t positive(const json::Value& v, const std::string& field) const {
@@ -61,42 +68,42 @@ class Fields {
 
   double number(const json::Value& v, const std::string& field) const {
     if (!v.is_number()) {
-      fail(field, std::string("expected a number, got ") + json::type_name(v.type()));
+      fail(field, std::string("expected a number, got ") + json::type_name(v));
     }
-    return v.as_double();
+    return v.get<double>();
   }
 
   void pair(const json::Value& v, const std::string& field, double out[2]) const {
     if (!v.is_array() || v.size() != 2) {
       fail(field, std::string("expected a list of 2 numbers, got ") +
                       (v.is_array() ? "a list of " + std::to_string(v.size())
-                                    : std::string(json::type_name(v.type()))));
+                                    : std::string(json::type_name(v))));
     }
-    out[0] = number(v.at(0), field + "[0]");
-    out[1] = number(v.at(1), field + "[1]");
+    out[0] = number(v[0], field + "[0]");
+    out[1] = number(v[1], field + "[1]");
   }
 
   std::vector<std::string> strings(const json::Value& v, const std::string& field) const {
     if (!v.is_array()) {
-      fail(field, std::string("expected a list of strings, got ") + json::type_name(v.type()));
+      fail(field, std::string("expected a list of strings, got ") + json::type_name(v));
     }
     std::vector<std::string> out;
     for (std::size_t i = 0; i < v.size(); ++i) {
-      out.push_back(string(v.at(i), field + "[" + std::to_string(i) + "]"));
+      out.push_back(string(v[i], field + "[" + std::to_string(i) + "]"));
     }
     return out;
   }
 
   const json::Value& object(const json::Value& v, const std::string& field) const {
     if (!v.is_object()) {
-      fail(field, std::string("expected an object, got ") + json::type_name(v.type()));
+      fail(field, std::string("expected an object, got ") + json::type_name(v));
     }
     return v;
   }
 
   const json::Value& list(const json::Value& v, const std::string& field) const {
     if (!v.is_array()) {
-      fail(field, std::string("expected a list, got ") + json::type_name(v.type()));
+      fail(field, std::string("expected a list, got ") + json::type_name(v));
     }
     return v;
   }
@@ -114,17 +121,17 @@ std::vector<TensorSpec> tensor_specs(const Fields& f, const json::Value& v,
   std::vector<TensorSpec> out;
   for (std::size_t i = 0; i < v.size(); ++i) {
     std::string at = field + "[" + std::to_string(i) + "]";
-    const json::Value& t = f.object(v.at(i), at);
+    const json::Value& t = f.object(v[i], at);
     TensorSpec spec;
     spec.name = f.string(f.require(t, at, "name", "a string"), at + ".name");
     spec.dtype = f.string(f.require(t, at, "dtype", "a string such as float32"), at + ".dtype");
     const json::Value& shape = f.list(f.require(t, at, "shape", "a list"), at + ".shape");
     for (std::size_t d = 0; d < shape.size(); ++d) {
       std::string dim_at = at + ".shape[" + std::to_string(d) + "]";
-      const json::Value& dim = shape.at(d);
+      const json::Value& dim = shape[d];
       Dim out_dim;
       if (dim.is_string()) {
-        out_dim.symbol = dim.as_string();
+        out_dim.symbol = dim.get<std::string>();
       } else if (dim.is_null()) {
         out_dim.symbol = "?";
       } else {
@@ -164,10 +171,26 @@ void check_io(const Fields& f, const Manifest& m) {
              std::string("expected \"") + kInputs[i] + "\", got \"" + m.inputs[i].name + "\"");
     }
   }
-  if (m.outputs.size() > 2 || m.outputs[0].name != "logits" ||
-      (m.outputs.size() == 2 && m.outputs[1].name != "presence")) {
+  if (m.outputs.size() > 2 || m.outputs[0].name != kLogitsOutput ||
+      (m.outputs.size() == 2 && m.outputs[1].name != kPresenceOutput)) {
     f.fail("outputs", "expected [logits] or [logits, presence], got \"" + m.outputs[0].name +
                           "\" first and " + std::to_string(m.outputs.size()) + " outputs");
+  }
+  const TensorSpec& logits = m.outputs[0];
+  if (logits.shape.size() != 4) {
+    f.fail("outputs[0].shape", "logits must be [N, 1, R, R], got " +
+                                   std::to_string(logits.shape.size()) + " dimensions");
+  }
+  check_dim(f, logits, "outputs[0]", 1, 1, "one channel");
+  check_dim(f, logits, "outputs[0]", 2, m.resolution, "resolution");
+  check_dim(f, logits, "outputs[0]", 3, m.resolution, "resolution");
+  if (m.outputs.size() == 2) {
+    const TensorSpec& presence = m.outputs[1];
+    if (presence.shape.size() != 2) {
+      f.fail("outputs[1].shape", "presence must be [N, 1] (one logit per slice), got " +
+                                     std::to_string(presence.shape.size()) + " dimensions");
+    }
+    check_dim(f, presence, "outputs[1]", 1, 1, "one presence logit per slice");
   }
   for (std::size_t i = 0; i < m.inputs.size(); ++i) {
     const TensorSpec& spec = m.inputs[i];
@@ -286,6 +309,13 @@ const FileEntry* Manifest::file(const std::string& name) const noexcept {
   return nullptr;
 }
 
+bool Manifest::has_presence() const noexcept { return output(kPresenceOutput) != nullptr; }
+
+std::optional<double> Manifest::presence_threshold(const std::string& target) const {
+  auto it = presence_thresholds.find(target);
+  return it == presence_thresholds.end() ? std::nullopt : std::optional<double>(it->second);
+}
+
 Manifest parse_manifest(const std::string& text, const fs::path& path) {
   Fields f(path);
   Manifest m;
@@ -299,7 +329,7 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
   const json::Value& root = m.raw;
   if (!root.is_object()) {
     throw Error(path.string() + ": expected a JSON object at the top level, got " +
-                json::type_name(root.type()));
+                json::type_name(root));
   }
 
   m.format = f.string(f.require(root, "", "format", "\"promptseg-engine\""), "format");
@@ -322,7 +352,7 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
   std::int64_t next = 0;
   for (std::size_t i = 0; i < layout.size(); ++i) {
     std::string at = "film_layout[" + std::to_string(i) + "]";
-    const json::Value& s = f.object(layout.at(i), at);
+    const json::Value& s = f.object(layout[i], at);
     FilmSegment seg;
     seg.name = f.string(f.require(s, at, "name", "a string"), at + ".name");
     seg.offset = f.integer(f.require(s, at, "offset", "an integer"), at + ".offset");
@@ -347,7 +377,7 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
   f.pair(f.require(pre, "preprocessing", "mr_percentiles", "[low, high] percentiles"),
          "preprocessing.mr_percentiles", m.preprocessing.mr_percentiles);
   m.preprocessing.resolution = m.resolution;
-  if (const json::Value* r = pre.find("resolution")) {
+  if (const json::Value* r = json::find(pre, "resolution")) {
     std::int64_t res = f.positive(*r, "preprocessing.resolution");
     if (res != m.resolution) {
       f.fail("preprocessing.resolution", "expected " + std::to_string(m.resolution) +
@@ -355,15 +385,15 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
                                              std::to_string(res));
     }
   }
-  if (const json::Value* o = pre.find("orientation")) {
+  if (const json::Value* o = json::find(pre, "orientation")) {
     m.preprocessing.orientation =
         check_axcodes(f, f.string(*o, "preprocessing.orientation"), "preprocessing.orientation");
   }
-  if (const json::Value* mods = pre.find("modalities")) {
+  if (const json::Value* mods = json::find(pre, "modalities")) {
     m.preprocessing.modalities = f.strings(*mods, "preprocessing.modalities");
   }
 
-  if (const json::Value* o = root.find("orientation")) {
+  if (const json::Value* o = json::find(root, "orientation")) {
     f.object(*o, "orientation");
     m.axcodes = check_axcodes(
         f, f.string(f.require(*o, "orientation", "axcodes", "a string such as \"LAS\""),
@@ -388,10 +418,22 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
     f.fail("targets", "expected at least one target, got an empty list");
   }
 
+  if (const json::Value* taus = optional_member(root, "presence_thresholds")) {
+    f.object(*taus, "presence_thresholds");
+    for (const auto& item : taus->items()) {
+      const std::string at = "presence_thresholds." + item.key();
+      const double tau = f.number(item.value(), at);
+      if (!(tau >= 0.0 && tau <= 1.0)) {
+        f.fail(at, "expected a probability in [0, 1], got " + json::dump(item.value()));
+      }
+      m.presence_thresholds[item.key()] = tau;
+    }
+  }
+
   const json::Value& graphs = f.object(f.require(root, "", "graphs", "an object"), "graphs");
-  for (std::size_t i = 0; i < graphs.size(); ++i) {
-    const std::string& key = graphs.key_at(i);
-    const json::Value& v = graphs.value_at(i);
+  for (const auto& item : graphs.items()) {
+    const std::string& key = item.key();
+    const json::Value& v = item.value();
     if (v.is_null()) {
       continue;  // a precision that was not exported
     }
@@ -400,35 +442,35 @@ Manifest parse_manifest(const std::string& text, const fs::path& path) {
     m.graphs[key] = name;
   }
 
-  if (const json::Value* trt = root.find("tensorrt"); trt != nullptr && !trt->is_null()) {
+  if (const json::Value* trt = optional_member(root, "tensorrt")) {
     f.object(*trt, "tensorrt");
     TensorRTInfo info;
     info.plan = f.string(f.require(*trt, "tensorrt", "plan", "a file name"), "tensorrt.plan");
     check_relative(f, info.plan, "tensorrt.plan");
-    if (const json::Value* v = trt->find("version"); v != nullptr && !v->is_null()) {
+    if (const json::Value* v = optional_member(*trt, "version")) {
       info.version = f.string(*v, "tensorrt.version");
     }
-    if (const json::Value* v = trt->find("gpu"); v != nullptr && !v->is_null()) {
+    if (const json::Value* v = optional_member(*trt, "gpu")) {
       info.gpu = f.string(*v, "tensorrt.gpu");
     }
-    if (const json::Value* v = trt->find("max_batch"); v != nullptr && !v->is_null()) {
+    if (const json::Value* v = optional_member(*trt, "max_batch")) {
       info.max_batch = f.positive(*v, "tensorrt.max_batch");
     }
     m.tensorrt = info;
   }
 
   const json::Value& files = f.object(f.require(root, "", "files", "an object"), "files");
-  for (std::size_t i = 0; i < files.size(); ++i) {
+  for (const auto& item : files.items()) {
     FileEntry e;
-    e.name = files.key_at(i);
+    e.name = item.key();
     std::string at = "files." + e.name;
     check_relative(f, e.name, at);
-    const json::Value& entry = f.object(files.value_at(i), at);
+    const json::Value& entry = f.object(item.value(), at);
     e.sha256 = f.string(f.require(entry, at, "sha256", "64 hex digits"), at + ".sha256");
     if (!is_hex64(e.sha256)) {
       f.fail(at + ".sha256", "expected 64 hex digits, got \"" + e.sha256 + "\"");
     }
-    if (const json::Value* b = entry.find("bytes"); b != nullptr && !b->is_null()) {
+    if (const json::Value* b = optional_member(entry, "bytes")) {
       e.bytes = f.integer(*b, at + ".bytes");
       if (e.bytes < 0) {
         f.fail(at + ".bytes", "expected a size >= 0, got " + std::to_string(e.bytes));

@@ -1,14 +1,16 @@
 // promptseg_inspect ENGINE_DIR [--prompt TEXT]... [--verify] [--values N|all]
 //
 // Reads an engine folder (docs/engine_format.md) and prints, as one JSON object on stdout:
-// the manifest summary, the listed files, the prompt cache size and, per --prompt, the cached
-// FiLM vector's length, leading values, L2 norm and sum. Exit status 2 with one line on stderr
-// for bad input: a missing or wrongly sized file, a sha256 mismatch (--verify), a corrupted
-// cache, an unknown prompt.
+// the manifest summary (with the presence output and thresholds of newer engines), the listed
+// files, the prompt cache size and, per --prompt, the cached FiLM vector's length, leading
+// values, L2 norm and sum, and the presence threshold of its target. Exit status 2 with one
+// line on stderr for bad input: a missing or wrongly sized file, a sha256 mismatch (--verify),
+// a corrupted cache, an unknown prompt.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -91,16 +93,16 @@ promptseg::json::Value tensor_specs(const std::vector<promptseg::TensorSpec>& sp
       shape.push_back(d.is_dynamic() ? Value(d.symbol) : Value(d.value));
     }
     Value spec = Value::object();
-    spec.set("name", t.name);
-    spec.set("shape", shape);
-    spec.set("dtype", t.dtype);
+    spec["name"] = t.name;
+    spec["shape"] = shape;
+    spec["dtype"] = t.dtype;
     out.push_back(spec);
   }
   return out;
 }
 
-promptseg::json::Value lookup(const promptseg::PromptCache& cache, const std::string& prompt,
-                              long values) {
+promptseg::json::Value lookup(const promptseg::Manifest& m, const promptseg::PromptCache& cache,
+                              const std::string& prompt, long values) {
   using promptseg::json::Value;
   std::vector<float> film = cache.film_for(prompt);  // throws for an unknown prompt
   promptseg::PromptMatch match = *cache.find(prompt);
@@ -117,15 +119,17 @@ promptseg::json::Value lookup(const promptseg::PromptCache& cache, const std::st
     head.push_back(static_cast<double>(film[i]));
   }
   Value out = Value::object();
-  out.set("prompt", prompt);
-  out.set("matched", cache.prompts()[match.index]);
-  out.set("match", match.exact ? "exact" : "normalized");
-  out.set("index", match.index);
-  out.set("target", cache.targets()[match.index]);
-  out.set("length", film.size());
-  out.set("values", head);
-  out.set("l2_norm", std::sqrt(squares));
-  out.set("sum", sum);
+  out["prompt"] = prompt;
+  out["matched"] = cache.prompts()[match.index];
+  out["match"] = match.exact ? "exact" : "normalized";
+  out["index"] = match.index;
+  out["target"] = cache.targets()[match.index];
+  const std::optional<double> tau = m.presence_threshold(cache.targets()[match.index]);
+  out["presence_threshold"] = tau ? Value(*tau) : Value();
+  out["length"] = film.size();
+  out["values"] = head;
+  out["l2_norm"] = std::sqrt(squares);
+  out["sum"] = sum;
   return out;
 }
 
@@ -145,76 +149,82 @@ int run(int argc, char** argv) {
   promptseg::PromptCache cache = promptseg::PromptCache::open(m);
 
   Value out = Value::object();
-  out.set("engine_dir", args.engine_dir);
-  out.set("format", m.format);
-  out.set("version", m.version);
-  out.set("resolution", m.resolution);
-  out.set("inputs", tensor_specs(m.inputs));
-  out.set("outputs", tensor_specs(m.outputs));
-  out.set("film_dim", m.film_dim);
-  out.set("embed_dim", m.embed_dim);
+  out["engine_dir"] = args.engine_dir;
+  out["format"] = m.format;
+  out["version"] = m.version;
+  out["resolution"] = m.resolution;
+  out["inputs"] = tensor_specs(m.inputs);
+  out["outputs"] = tensor_specs(m.outputs);
+  out["film_dim"] = m.film_dim;
+  out["embed_dim"] = m.embed_dim;
   Value layout = Value::array();
   for (const promptseg::FilmSegment& s : m.film_layout) {
     Value seg = Value::object();
-    seg.set("name", s.name);
-    seg.set("offset", s.offset);
-    seg.set("size", s.size);
+    seg["name"] = s.name;
+    seg["offset"] = s.offset;
+    seg["size"] = s.size;
     layout.push_back(seg);
   }
-  out.set("film_layout", layout);
+  out["film_layout"] = layout;
   Value pre = Value::object();
-  pre.set("resolution", m.preprocessing.resolution);
+  pre["resolution"] = m.preprocessing.resolution;
   Value ct = Value::array();
   ct.push_back(m.preprocessing.ct_window[0]);
   ct.push_back(m.preprocessing.ct_window[1]);
-  pre.set("ct_window", ct);
+  pre["ct_window"] = ct;
   Value mr = Value::array();
   mr.push_back(m.preprocessing.mr_percentiles[0]);
   mr.push_back(m.preprocessing.mr_percentiles[1]);
-  pre.set("mr_percentiles", mr);
-  pre.set("modalities", strings(m.preprocessing.modalities));
-  out.set("preprocessing", pre);
-  out.set("orientation", m.axcodes);
-  out.set("targets", strings(m.targets));
+  pre["mr_percentiles"] = mr;
+  pre["modalities"] = strings(m.preprocessing.modalities);
+  out["preprocessing"] = pre;
+  out["orientation"] = m.axcodes;
+  out["targets"] = strings(m.targets);
+  out["presence_output"] = m.has_presence();
+  Value taus = Value::object();
+  for (const auto& [target, tau] : m.presence_thresholds) {
+    taus[target] = tau;
+  }
+  out["presence_thresholds"] = taus;
   Value graphs = Value::object();
   for (const auto& [precision, file] : m.graphs) {
-    graphs.set(precision, file);
+    graphs[precision] = file;
   }
-  out.set("graphs", graphs);
+  out["graphs"] = graphs;
   if (m.tensorrt) {
     Value trt = Value::object();
-    trt.set("plan", m.tensorrt->plan);
-    trt.set("version", m.tensorrt->version);
-    trt.set("gpu", m.tensorrt->gpu);
-    trt.set("max_batch", m.tensorrt->max_batch);
-    out.set("tensorrt", trt);
+    trt["plan"] = m.tensorrt->plan;
+    trt["version"] = m.tensorrt->version;
+    trt["gpu"] = m.tensorrt->gpu;
+    trt["max_batch"] = m.tensorrt->max_batch;
+    out["tensorrt"] = trt;
   } else {
-    out.set("tensorrt", Value());
+    out["tensorrt"] = nullptr;
   }
   Value files = Value::array();
   for (const promptseg::FileEntry& e : m.files) {
     Value f = Value::object();
-    f.set("name", e.name);
-    f.set("bytes", e.bytes);
-    f.set("sha256", e.sha256);
+    f["name"] = e.name;
+    f["bytes"] = e.bytes;
+    f["sha256"] = e.sha256;
     files.push_back(f);
   }
-  out.set("files", files);
-  out.set("verified", args.verify);
+  out["files"] = files;
+  out["verified"] = args.verify;
 
   Value c = Value::object();
-  c.set("file", promptseg::kPromptCacheName);
-  c.set("prompts", cache.size());
-  c.set("film_dim", cache.film_dim());
-  c.set("embed_dim", cache.embed_dim());
-  c.set("targets", strings(cache.unique_targets()));
-  out.set("cache", c);
+  c["file"] = promptseg::kPromptCacheName;
+  c["prompts"] = cache.size();
+  c["film_dim"] = cache.film_dim();
+  c["embed_dim"] = cache.embed_dim();
+  c["targets"] = strings(cache.unique_targets());
+  out["cache"] = c;
 
   Value lookups = Value::array();
   for (const std::string& p : args.prompts) {
-    lookups.push_back(lookup(cache, p, args.values));
+    lookups.push_back(lookup(m, cache, p, args.values));
   }
-  out.set("lookups", lookups);
+  out["lookups"] = lookups;
 
   std::printf("%s\n", promptseg::json::dump(out, 2).c_str());
   return 0;

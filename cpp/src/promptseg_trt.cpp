@@ -1,8 +1,14 @@
 // promptseg_trt ENGINE_DIR --prompt TEXT --input SLICES.f32 --output PREFIX
-//                [--threshold P] [--logits PATH] [--verify] [--verbose]
+//                [--threshold P] [--presence-threshold TAU] [--no-presence-gate]
+//                [--logits PATH] [--verify] [--verbose]
 //
 // Segments preprocessed slices with the engine folder's TensorRT plan (TensorRT 10 / 11 API:
 // name-based I/O, setInputShape, setTensorAddress, enqueueV3).
+//
+// Plans of newer exports have a second output "presence" [N, 1] (one presence logit per
+// slice): a slice whose sigmoid(presence) < tau gets an empty mask, tau being the manifest's
+// presence_thresholds entry for the prompt's target (--presence-threshold overrides it for
+// every target, --no-presence-gate turns the gate off), as promptseg-run does.
 //
 // Input: raw little-endian float32, N slices of R x R (R = manifest "resolution"), row-major,
 // slice after slice, already oriented, normalised to [0, 1] and resized (cpp/README.md).
@@ -28,25 +34,31 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cli.hpp"
 #include "promptseg/json.hpp"
 #include "promptseg/manifest.hpp"
+#include "promptseg/presence.hpp"
 #include "promptseg/safetensors.hpp"
 #include "promptseg/sha256.hpp"
 
 namespace fs = std::filesystem;
 using promptseg::Error;
+using promptseg::json::Value;
 
 namespace {
 
 constexpr const char* kProgram = "promptseg_trt";
 constexpr const char* kUsage =
     "usage: promptseg_trt ENGINE_DIR --prompt TEXT --input SLICES.f32 --output PREFIX "
-    "[--threshold P] [--logits PATH] [--verify] [--verbose]";
+    "[--threshold P] [--presence-threshold TAU] [--no-presence-gate] [--logits PATH] "
+    "[--verify] [--verbose]";
 
 struct Args {
   std::string engine_dir;
@@ -55,6 +67,7 @@ struct Args {
   std::string output;
   std::string logits;
   double threshold = 0.5;
+  promptseg::PresenceOptions presence;  // --presence-threshold, --no-presence-gate
   bool verify = false;
   bool verbose = false;
   bool help = false;
@@ -89,6 +102,16 @@ Args parse_args(int argc, char** argv) {
       if (v.empty() || *end != '\0' || !(a.threshold > 0.0 && a.threshold < 1.0)) {
         throw Error("--threshold expects a probability in (0, 1), got '" + v + "'");
       }
+    } else if (arg == "--presence-threshold") {
+      std::string v = next();
+      char* end = nullptr;
+      const double tau = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0' || !(tau >= 0.0 && tau <= 1.0)) {
+        throw Error("--presence-threshold expects a probability in [0, 1], got '" + v + "'");
+      }
+      a.presence.threshold = tau;
+    } else if (arg == "--no-presence-gate") {
+      a.presence.gate = false;
     } else if (arg == "--verify") {
       a.verify = true;
     } else if (arg == "--verbose") {
@@ -269,7 +292,7 @@ void check_tensor(const nvinfer1::ICudaEngine& engine, const char* name,
       names += (i ? ", " : "") + std::string(engine.getIOTensorName(i));
     }
     throw Error(plan.string() + ": the engine has no tensor '" + name + "' (its I/O: " + names +
-                "; expected image, film -> logits)");
+                "; expected image, film -> logits[, presence])");
   }
   if (actual != mode) {
     throw Error(plan.string() + ": tensor '" + name + "' should be an " +
@@ -281,52 +304,42 @@ void check_tensor(const nvinfer1::ICudaEngine& engine, const char* name,
   }
 }
 
-int run(int argc, char** argv) {
-  using promptseg::json::Value;
-  Args args = parse_args(argc, argv);
-  if (args.help) {
-    std::printf("%s\n", kUsage);
-    return 0;
+/// The optimisation batch range of a plan: fixed in the plan, or the first profile's
+/// [min, max] common to image and film.
+std::pair<std::int64_t, std::int64_t> batch_range(const nvinfer1::ICudaEngine& engine,
+                                                  const fs::path& plan_path) {
+  const nvinfer1::Dims image_dims = engine.getTensorShape("image");
+  if (image_dims.d[0] > 0) {
+    return {image_dims.d[0], image_dims.d[0]};
   }
-  promptseg::Manifest m = promptseg::read_manifest(args.engine_dir);
-  if (args.verify) {
-    promptseg::verify_files(m);
-  } else {
-    promptseg::check_files_present(m);
+  std::int64_t min_batch = 1;
+  std::int64_t max_batch = 1;
+  for (const char* name : {"image", "film"}) {
+    nvinfer1::Dims lo = engine.getProfileShape(name, 0, nvinfer1::OptProfileSelector::kMIN);
+    nvinfer1::Dims hi = engine.getProfileShape(name, 0, nvinfer1::OptProfileSelector::kMAX);
+    if (lo.nbDims < 1 || hi.nbDims < 1 || hi.d[0] < 1) {
+      throw Error(plan_path.string() + ": no optimisation profile for '" + name +
+                  "' (a dynamic batch needs one)");
+    }
+    min_batch = std::max<std::int64_t>(min_batch, lo.d[0]);
+    max_batch = name == std::string("image") ? hi.d[0] : std::min(max_batch, hi.d[0]);
   }
-  if (!m.tensorrt) {
-    throw Error(m.path.string() + ": no \"tensorrt\" entry (no plan was built; export on a "
-                                  "machine where tensorrt imports)");
+  if (min_batch > max_batch) {
+    throw Error(plan_path.string() + ": optimisation profiles allow no common batch size");
   }
-  const fs::path plan_path = m.engine_dir / m.tensorrt->plan;
-  promptseg::PromptCache cache = promptseg::PromptCache::open(m);
-  const std::vector<float> film = cache.film_for(args.prompt);
-  const promptseg::PromptMatch match = *cache.find(args.prompt);
+  return {min_batch, max_batch};
+}
 
+/// Check the plan's I/O against the manifest and the prompt cache; returns whether the plan
+/// has the optional ``presence`` output (which must then be bound too).
+bool check_engine_io(const nvinfer1::ICudaEngine& engine, const promptseg::Manifest& m,
+                     std::int64_t P, const fs::path& plan_path) {
   const std::int64_t R = m.resolution;
-  const auto P = static_cast<std::int64_t>(film.size());
-  const std::vector<float> slices = read_slices(args.input, R);
-  const auto plane = static_cast<std::size_t>(R * R);
-  const std::int64_t n = static_cast<std::int64_t>(slices.size() / plane);
-
-  const std::string plan = read_binary(plan_path, "TensorRT plan");
-  Logger logger(args.verbose);
-  // Destruction runs in reverse: context, engine, runtime.
-  std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
-  if (!runtime) {
-    throw Error("createInferRuntime failed" + logger.last_error());
-  }
-  std::unique_ptr<nvinfer1::ICudaEngine> engine(
-      runtime->deserializeCudaEngine(plan.data(), plan.size()));
-  if (!engine) {
-    throw Error(plan_path.string() + ": deserializeCudaEngine failed (built by another TensorRT " +
-                "version or for another GPU?)" + logger.last_error());
-  }
-  check_tensor(*engine, "image", nvinfer1::TensorIOMode::kINPUT, plan_path);
-  check_tensor(*engine, "film", nvinfer1::TensorIOMode::kINPUT, plan_path);
-  check_tensor(*engine, "logits", nvinfer1::TensorIOMode::kOUTPUT, plan_path);
-  const nvinfer1::Dims image_dims = engine->getTensorShape("image");
-  const nvinfer1::Dims film_dims = engine->getTensorShape("film");
+  check_tensor(engine, "image", nvinfer1::TensorIOMode::kINPUT, plan_path);
+  check_tensor(engine, "film", nvinfer1::TensorIOMode::kINPUT, plan_path);
+  check_tensor(engine, promptseg::kLogitsOutput, nvinfer1::TensorIOMode::kOUTPUT, plan_path);
+  const nvinfer1::Dims image_dims = engine.getTensorShape("image");
+  const nvinfer1::Dims film_dims = engine.getTensorShape("film");
   if (image_dims.nbDims != 4 || (image_dims.d[2] >= 0 && image_dims.d[2] != R) ||
       (image_dims.d[3] >= 0 && image_dims.d[3] != R)) {
     throw Error(plan_path.string() + ": image is " + dims_text(image_dims) + ", the manifest " +
@@ -336,29 +349,45 @@ int run(int argc, char** argv) {
     throw Error(plan_path.string() + ": film is " + dims_text(film_dims) + ", the prompt cache " +
                 "has " + std::to_string(P) + " values per prompt");
   }
+  const bool presence =
+      engine.getTensorIOMode(promptseg::kPresenceOutput) != nvinfer1::TensorIOMode::kNONE;
+  if (!presence) {
+    if (m.has_presence()) {
+      throw Error(plan_path.string() + ": the plan has no 'presence' output but " +
+                  m.path.string() + " lists one (rebuild the plan with promptseg-export)");
+    }
+    return false;
+  }
+  check_tensor(engine, promptseg::kPresenceOutput, nvinfer1::TensorIOMode::kOUTPUT, plan_path);
+  const nvinfer1::Dims dims = engine.getTensorShape(promptseg::kPresenceOutput);
+  if (dims.nbDims != 2 || (dims.d[1] >= 0 && dims.d[1] != 1)) {
+    throw Error(plan_path.string() + ": presence is " + dims_text(dims) +
+                ", expected [N, 1] (one presence logit per slice)");
+  }
+  return true;
+}
 
-  // Batch range: fixed in the plan, or the first optimisation profile's [min, max].
+/// Raw outputs of the plan over all slices.
+struct Inference {
+  std::vector<float> logits;    ///< N x R x R
+  std::vector<float> presence;  ///< N presence logits; empty when the plan has no such output
   std::int64_t min_batch = 1;
   std::int64_t max_batch = 1;
-  if (image_dims.d[0] > 0) {
-    min_batch = max_batch = image_dims.d[0];
-  } else {
-    for (const char* name : {"image", "film"}) {
-      nvinfer1::Dims lo = engine->getProfileShape(name, 0, nvinfer1::OptProfileSelector::kMIN);
-      nvinfer1::Dims hi = engine->getProfileShape(name, 0, nvinfer1::OptProfileSelector::kMAX);
-      if (lo.nbDims < 1 || hi.nbDims < 1 || hi.d[0] < 1) {
-        throw Error(plan_path.string() + ": no optimisation profile for '" + name +
-                    "' (a dynamic batch needs one)");
-      }
-      min_batch = std::max<std::int64_t>(min_batch, lo.d[0]);
-      max_batch = name == std::string("image") ? hi.d[0] : std::min(max_batch, hi.d[0]);
-    }
-    if (min_batch > max_batch) {
-      throw Error(plan_path.string() + ": optimisation profiles allow no common batch size");
-    }
-  }
+  double milliseconds = 0.0;
+};
 
-  std::unique_ptr<nvinfer1::IExecutionContext> context(engine->createExecutionContext());
+/// Run the slices (N x R x R) through the plan in batches, ``film`` repeated per slice.
+Inference infer(nvinfer1::ICudaEngine& engine, const Logger& logger, const fs::path& plan_path,
+                const std::vector<float>& slices, const std::vector<float>& film,
+                std::int64_t R, bool with_presence) {
+  const auto P = static_cast<std::int64_t>(film.size());
+  const auto plane = static_cast<std::size_t>(R * R);
+  const auto n = static_cast<std::int64_t>(slices.size() / plane);
+  Inference out;
+  std::tie(out.min_batch, out.max_batch) = batch_range(engine, plan_path);
+  const std::int64_t max_batch = out.max_batch;
+
+  std::unique_ptr<nvinfer1::IExecutionContext> context(engine.createExecutionContext());
   if (!context) {
     throw Error(plan_path.string() + ": createExecutionContext failed" + logger.last_error());
   }
@@ -367,23 +396,31 @@ int run(int argc, char** argv) {
   DeviceBuffer d_image(cap * plane * sizeof(float));
   DeviceBuffer d_film(cap * static_cast<std::size_t>(P) * sizeof(float));
   DeviceBuffer d_logits(cap * plane * sizeof(float));
+  std::optional<DeviceBuffer> d_presence;  // every output of the plan must have an address
+  if (with_presence) {
+    d_presence.emplace(cap * sizeof(float));
+  }
   std::vector<float> h_image(cap * plane);
   std::vector<float> h_film(cap * static_cast<std::size_t>(P));
   for (std::size_t b = 0; b < cap; ++b) {
     std::copy(film.begin(), film.end(), h_film.begin() + static_cast<std::ptrdiff_t>(b * P));
   }
   std::vector<float> h_logits(cap * plane);
-  std::vector<float> logits(static_cast<std::size_t>(n) * plane);
+  std::vector<float> h_presence(with_presence ? cap : 0);
+  out.logits.resize(static_cast<std::size_t>(n) * plane);
+  out.presence.resize(with_presence ? static_cast<std::size_t>(n) : 0);
 
   if (!context->setTensorAddress("image", d_image.get()) ||
       !context->setTensorAddress("film", d_film.get()) ||
-      !context->setTensorAddress("logits", d_logits.get())) {
+      !context->setTensorAddress(promptseg::kLogitsOutput, d_logits.get()) ||
+      (with_presence &&
+       !context->setTensorAddress(promptseg::kPresenceOutput, d_presence->get()))) {
     throw Error("setTensorAddress failed" + logger.last_error());
   }
   const auto started = std::chrono::steady_clock::now();
   for (std::int64_t start = 0; start < n; start += max_batch) {
     const std::int64_t count = std::min(max_batch, n - start);
-    const std::int64_t batch = std::max(count, min_batch);  // pad up to the profile minimum
+    const std::int64_t batch = std::max(count, out.min_batch);  // pad up to the profile minimum
     std::fill(h_image.begin(), h_image.end(), 0.0f);
     std::copy(slices.begin() + static_cast<std::ptrdiff_t>(start * plane),
               slices.begin() + static_cast<std::ptrdiff_t>((start + count) * plane),
@@ -407,41 +444,48 @@ int run(int argc, char** argv) {
                                static_cast<std::size_t>(batch) * plane * sizeof(float),
                                cudaMemcpyDeviceToHost, stream.get()),
                "cudaMemcpyAsync (logits)");
+    if (with_presence) {
+      cuda_check(cudaMemcpyAsync(h_presence.data(), d_presence->get(),
+                                 static_cast<std::size_t>(batch) * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream.get()),
+                 "cudaMemcpyAsync (presence)");
+    }
     cuda_check(cudaStreamSynchronize(stream.get()), "cudaStreamSynchronize");
-    const nvinfer1::Dims out = context->getTensorShape("logits");
-    if (out.nbDims != 4 || out.d[0] != batch || out.d[1] != 1 || out.d[2] != R || out.d[3] != R) {
-      throw Error(plan_path.string() + ": logits came back as " + dims_text(out) +
+    const nvinfer1::Dims shape = context->getTensorShape(promptseg::kLogitsOutput);
+    if (shape.nbDims != 4 || shape.d[0] != batch || shape.d[1] != 1 || shape.d[2] != R ||
+        shape.d[3] != R) {
+      throw Error(plan_path.string() + ": logits came back as " + dims_text(shape) +
                   ", expected [" + std::to_string(batch) + ", 1, " + std::to_string(R) + ", " +
                   std::to_string(R) + "]");
     }
     std::copy(h_logits.begin(), h_logits.begin() + static_cast<std::ptrdiff_t>(count * plane),
-              logits.begin() + static_cast<std::ptrdiff_t>(start * plane));
+              out.logits.begin() + static_cast<std::ptrdiff_t>(start * plane));
+    if (with_presence) {
+      const nvinfer1::Dims p = context->getTensorShape(promptseg::kPresenceOutput);
+      if (p.nbDims != 2 || p.d[0] != batch || p.d[1] != 1) {
+        throw Error(plan_path.string() + ": presence came back as " + dims_text(p) +
+                    ", expected [" + std::to_string(batch) + ", 1]");
+      }
+      std::copy(h_presence.begin(), h_presence.begin() + static_cast<std::ptrdiff_t>(count),
+                out.presence.begin() + static_cast<std::ptrdiff_t>(start));
+    }
   }
-  const double ms =
+  out.milliseconds =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
           .count();
+  return out;
+}
 
-  // logit(p): probability > p <=> logit > log(p / (1 - p)); 0.5 -> 0.
-  const auto cut = static_cast<float>(std::log(args.threshold / (1.0 - args.threshold)));
-  std::vector<std::uint8_t> mask(logits.size());
-  Value foreground = Value::array();
-  for (std::size_t s = 0; s < static_cast<std::size_t>(n); ++s) {
-    std::size_t on = 0;
-    for (std::size_t i = s * plane; i < (s + 1) * plane; ++i) {
-      mask[i] = logits[i] > cut ? 1 : 0;
-      on += mask[i];
-    }
-    foreground.push_back(static_cast<double>(on) / static_cast<double>(plane));
-  }
-  const fs::path raw_path = args.output + ".raw";
-  const fs::path pgm_path = args.output + ".pgm";
-  write_atomic(raw_path, mask.data(), mask.size());
+/// PREFIX.raw, PREFIX.pgm and, when asked, the raw logits (little-endian float32).
+void write_outputs(const Args& args, const std::vector<std::uint8_t>& mask,
+                   const std::vector<float>& logits, std::int64_t R, std::int64_t n) {
+  write_atomic(args.output + ".raw", mask.data(), mask.size());
   std::string pgm = "P5\n" + std::to_string(R) + " " + std::to_string(R * n) + "\n255\n";
   pgm.reserve(pgm.size() + mask.size());
   for (std::uint8_t v : mask) {
     pgm += static_cast<char>(v ? 255 : 0);
   }
-  write_atomic(pgm_path, pgm.data(), pgm.size());
+  write_atomic(args.output + ".pgm", pgm.data(), pgm.size());
   if (!args.logits.empty()) {
     std::string le(logits.size() * 4, '\0');
     for (std::size_t i = 0; i < logits.size(); ++i) {
@@ -453,28 +497,120 @@ int run(int argc, char** argv) {
     }
     write_atomic(args.logits, le.data(), le.size());
   }
+}
+
+/// A JSON number, or null.
+template <typename T>
+Value or_null(const std::optional<T>& value) {
+  return value ? Value(*value) : Value();
+}
+
+int run(int argc, char** argv) {
+  Args args = parse_args(argc, argv);
+  if (args.help) {
+    std::printf("%s\n", kUsage);
+    return 0;
+  }
+  promptseg::Manifest m = promptseg::read_manifest(args.engine_dir);
+  if (args.verify) {
+    promptseg::verify_files(m);
+  } else {
+    promptseg::check_files_present(m);
+  }
+  if (!m.tensorrt) {
+    throw Error(m.path.string() + ": no \"tensorrt\" entry (no plan was built; export on a "
+                                  "machine where tensorrt imports)");
+  }
+  const fs::path plan_path = m.engine_dir / m.tensorrt->plan;
+  promptseg::PromptCache cache = promptseg::PromptCache::open(m);
+  const std::vector<float> film = cache.film_for(args.prompt);
+  const promptseg::PromptMatch match = *cache.find(args.prompt);
+  const std::string& target = cache.targets()[match.index];
+  const std::optional<double> tau = promptseg::presence_tau(m, target, args.presence);
+
+  const std::int64_t R = m.resolution;
+  const std::vector<float> slices = read_slices(args.input, R);
+  const auto plane = static_cast<std::size_t>(R * R);
+  const auto n = static_cast<std::int64_t>(slices.size() / plane);
+
+  const std::string plan = read_binary(plan_path, "TensorRT plan");
+  Logger logger(args.verbose);
+  // Destruction runs in reverse: engine, runtime (the context lives inside infer()).
+  std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
+  if (!runtime) {
+    throw Error("createInferRuntime failed" + logger.last_error());
+  }
+  std::unique_ptr<nvinfer1::ICudaEngine> engine(
+      runtime->deserializeCudaEngine(plan.data(), plan.size()));
+  if (!engine) {
+    throw Error(plan_path.string() + ": deserializeCudaEngine failed (built by another TensorRT " +
+                "version or for another GPU?)" + logger.last_error());
+  }
+  const bool with_presence =
+      check_engine_io(*engine, m, static_cast<std::int64_t>(film.size()), plan_path);
+  const Inference result = infer(*engine, logger, plan_path, slices, film, R, with_presence);
+
+  // logit(p): probability > p <=> logit > log(p / (1 - p)); 0.5 -> 0.
+  const auto cut = static_cast<float>(std::log(args.threshold / (1.0 - args.threshold)));
+  std::vector<std::uint8_t> mask(result.logits.size());
+  for (std::size_t i = 0; i < mask.size(); ++i) {
+    mask[i] = result.logits[i] > cut ? 1 : 0;
+  }
+  // Slices whose sigmoid(presence) < tau go empty (nothing happens without the output).
+  const promptseg::PresenceGate gate =
+      promptseg::apply_presence_gate(result.presence, tau, mask, plane);
+  Value foreground = Value::array();
+  for (std::size_t s = 0; s < static_cast<std::size_t>(n); ++s) {
+    const auto first = mask.begin() + static_cast<std::ptrdiff_t>(s * plane);
+    const auto on = std::count(first, first + static_cast<std::ptrdiff_t>(plane), 1);
+    foreground.push_back(static_cast<double>(on) / static_cast<double>(plane));
+  }
+  write_outputs(args, mask, result.logits, R, n);
+
+  Value warnings = Value::array();
+  if (gate.slices_gated > 0 && !gate.present) {
+    char line[200];
+    std::snprintf(line, sizeof line,
+                  "the presence gate emptied %zu of %lld slices (highest presence probability "
+                  "%.3f, threshold %g); its mask is empty",
+                  gate.slices_gated, static_cast<long long>(n),
+                  static_cast<double>(gate.max_probability().value_or(0.0f)), *gate.threshold);
+    warnings.push_back("'" + target + "' is absent: " + line);
+  }
+  if (!with_presence && args.presence.threshold && args.presence.gate) {
+    warnings.push_back("--presence-threshold has no effect: the plan has no presence output");
+  }
+  for (const Value& w : warnings) {
+    std::fprintf(stderr, "%s: warning: %s\n", kProgram,
+                 promptseg::cli::one_line(w.get<std::string>()).c_str());
+  }
 
   Value out = Value::object();
-  out.set("engine_dir", args.engine_dir);
-  out.set("plan", m.tensorrt->plan);
-  out.set("tensorrt_headers", std::to_string(NV_TENSORRT_MAJOR) + "." +
-                                  std::to_string(NV_TENSORRT_MINOR) + "." +
-                                  std::to_string(NV_TENSORRT_PATCH));
-  out.set("prompt", args.prompt);
-  out.set("matched", cache.prompts()[match.index]);
-  out.set("target", cache.targets()[match.index]);
-  out.set("slices", n);
-  out.set("resolution", R);
-  Value batch_range = Value::array();
-  batch_range.push_back(min_batch);
-  batch_range.push_back(max_batch);
-  out.set("batch", batch_range);
-  out.set("threshold", args.threshold);
-  out.set("foreground", foreground);
-  out.set("milliseconds", ms);
-  out.set("mask", raw_path.string());
-  out.set("pgm", pgm_path.string());
-  out.set("logits", args.logits.empty() ? Value() : Value(args.logits));
+  out["engine_dir"] = args.engine_dir;
+  out["plan"] = m.tensorrt->plan;
+  out["tensorrt_headers"] = std::to_string(NV_TENSORRT_MAJOR) + "." +
+                            std::to_string(NV_TENSORRT_MINOR) + "." +
+                            std::to_string(NV_TENSORRT_PATCH);
+  out["prompt"] = args.prompt;
+  out["matched"] = cache.prompts()[match.index];
+  out["target"] = target;
+  out["slices"] = n;
+  out["resolution"] = R;
+  out["batch"] = Value::array({result.min_batch, result.max_batch});
+  out["threshold"] = args.threshold;
+  out["foreground"] = foreground;
+  // The presence gate, with promptseg-run's field names (null: no presence output / no tau).
+  out["present"] = gate.present;
+  out["presence_max_probability"] = or_null(gate.max_probability());
+  out["presence_threshold"] = or_null(gate.threshold);
+  out["slices_gated"] = gate.slices_gated;
+  out["presence_probability"] =
+      with_presence ? Value(gate.probabilities) : Value();  // per slice
+  out["milliseconds"] = result.milliseconds;
+  out["mask"] = args.output + ".raw";
+  out["pgm"] = args.output + ".pgm";
+  out["logits"] = args.logits.empty() ? Value() : Value(args.logits);
+  out["warnings"] = warnings;
   std::printf("%s\n", promptseg::json::dump(out, 2).c_str());
   return 0;
 }

@@ -30,6 +30,12 @@ bool host_is_little_endian() noexcept {
 
 std::string quote(std::string_view s) { return json::dump(json::Value(std::string(s))); }
 
+/// Element ``i`` of an array when it is written as an integer (safetensors has no 2.0).
+std::optional<std::int64_t> integer_at(const json::Value& array, std::size_t i) {
+  const json::Value& v = array[i];
+  return v.is_number_integer() ? json::exact_integer(v) : std::nullopt;
+}
+
 }  // namespace
 
 std::uint64_t TensorInfo::numel() const noexcept {
@@ -107,39 +113,39 @@ SafetensorsFile SafetensorsFile::parse(std::string bytes, const fs::path& path) 
     throw Error(where + "header: " + e.what());
   }
   if (!header.is_object()) {
-    throw Error(where + "header must be a JSON object, got " + json::type_name(header.type()));
+    throw Error(where + "header must be a JSON object, got " + json::type_name(header));
   }
 
-  for (std::size_t i = 0; i < header.size(); ++i) {
-    const std::string& key = header.key_at(i);
-    const json::Value& v = header.value_at(i);
+  for (const auto& entry : header.items()) {
+    const std::string& key = entry.key();
+    const json::Value& v = entry.value();
     if (key == "__metadata__") {
       if (!v.is_object()) {
         throw Error(where + "__metadata__ must be an object of strings, got " +
-                    json::type_name(v.type()));
+                    json::type_name(v));
       }
-      for (std::size_t m = 0; m < v.size(); ++m) {
-        if (!v.value_at(m).is_string()) {
-          throw Error(where + "__metadata__." + v.key_at(m) + " must be a string, got " +
-                      json::type_name(v.value_at(m).type()));
+      for (const auto& meta : v.items()) {
+        if (!meta.value().is_string()) {
+          throw Error(where + "__metadata__." + meta.key() + " must be a string, got " +
+                      json::type_name(meta.value()));
         }
-        out.metadata_[v.key_at(m)] = v.value_at(m).as_string();
+        out.metadata_[meta.key()] = meta.value().get<std::string>();
       }
       continue;
     }
     const std::string at = where + "tensor " + quote(key) + ": ";
     if (!v.is_object()) {
-      throw Error(at + "expected an object, got " + json::type_name(v.type()));
+      throw Error(at + "expected an object, got " + json::type_name(v));
     }
     TensorInfo t;
     t.name = key;
-    const json::Value* dtype = v.find("dtype");
-    const json::Value* shape = v.find("shape");
-    const json::Value* offsets = v.find("data_offsets");
+    const json::Value* dtype = json::find(v, "dtype");
+    const json::Value* shape = json::find(v, "shape");
+    const json::Value* offsets = json::find(v, "data_offsets");
     if (dtype == nullptr || !dtype->is_string()) {
       throw Error(at + "missing string 'dtype'");
     }
-    t.dtype = dtype->as_string();
+    t.dtype = dtype->get<std::string>();
     std::size_t item = dtype_size(t.dtype);
     if (item == 0) {
       throw Error(at + "dtype " + quote(t.dtype) + " is not supported by this reader");
@@ -149,24 +155,27 @@ SafetensorsFile SafetensorsFile::parse(std::string bytes, const fs::path& path) 
     }
     std::uint64_t numel = 1;
     for (std::size_t d = 0; d < shape->size(); ++d) {
-      const json::Value& dim = shape->at(d);
-      if (!dim.is_integer() || dim.as_int() < 0) {
+      const std::optional<std::int64_t> extent = integer_at(*shape, d);
+      if (!extent || *extent < 0) {
         throw Error(at + "shape[" + std::to_string(d) + "] must be an integer >= 0");
       }
-      auto extent = static_cast<std::uint64_t>(dim.as_int());
-      if (extent != 0 && numel > std::numeric_limits<std::uint64_t>::max() / extent) {
+      const auto size = static_cast<std::uint64_t>(*extent);
+      if (size != 0 && numel > std::numeric_limits<std::uint64_t>::max() / size) {
         throw Error(at + "shape overflows");
       }
-      numel *= extent;
-      t.shape.push_back(dim.as_int());
+      numel *= size;
+      t.shape.push_back(*extent);
     }
-    if (offsets == nullptr || !offsets->is_array() || offsets->size() != 2 ||
-        !offsets->at(0).is_integer() || !offsets->at(1).is_integer() ||
-        offsets->at(0).as_int() < 0 || offsets->at(1).as_int() < offsets->at(0).as_int()) {
+    const std::optional<std::int64_t> begin =
+        offsets != nullptr && offsets->is_array() && offsets->size() == 2
+            ? integer_at(*offsets, 0)
+            : std::nullopt;
+    const std::optional<std::int64_t> end = begin ? integer_at(*offsets, 1) : std::nullopt;
+    if (!begin || !end || *begin < 0 || *end < *begin) {
       throw Error(at + "'data_offsets' must be [begin, end] with 0 <= begin <= end");
     }
-    t.begin = static_cast<std::uint64_t>(offsets->at(0).as_int());
-    t.end = static_cast<std::uint64_t>(offsets->at(1).as_int());
+    t.begin = static_cast<std::uint64_t>(*begin);
+    t.end = static_cast<std::uint64_t>(*end);
     const bool overflow = numel > std::numeric_limits<std::uint64_t>::max() / item;
     if (overflow || t.end - t.begin != numel * item) {
       throw Error(at + "data_offsets span " + std::to_string(t.end - t.begin) + " bytes, " +

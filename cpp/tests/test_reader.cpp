@@ -1,6 +1,8 @@
-// ctest: JSON edge cases, SHA-256 vectors, a synthetic safetensors prompt cache and manifest.
+// ctest: the readers on files they write themselves: a safetensors prompt cache and manifest
+// (good, corrupted, malformed JSON), SHA-256 test vectors and the presence gate.
 //
 // usage: test_reader WORK_DIR   (files are written there; no external data needed)
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -16,6 +18,7 @@
 
 #include "promptseg/json.hpp"
 #include "promptseg/manifest.hpp"
+#include "promptseg/presence.hpp"
 #include "promptseg/safetensors.hpp"
 #include "promptseg/sha256.hpp"
 
@@ -118,119 +121,46 @@ std::string safetensors_bytes(std::string header, const std::string& data) {
 
 // ---------------------------------------------------------------------------------------------
 
-void test_json_values() {
-  json::Value v = json::parse(R"( {"b": [1, -2.5], "a": {"n": {}},
-      "b": 7, "e": [] } )");
-  CHECK(v.is_object());
-  CHECK_EQ(v.size(), std::size_t{3});
-  CHECK_EQ(v.key_at(0), std::string("b"));  // order of first appearance
-  CHECK(v.find("b")->is_integer());
-  CHECK_EQ(v.find("b")->as_int(), std::int64_t{7});  // duplicate name: last value wins
-  CHECK(v.find("a")->find("n")->is_object());
-  CHECK_EQ(v.find("a")->find("n")->size(), std::size_t{0});
-  CHECK(v.find("e")->is_array());
-  CHECK(v.find("missing") == nullptr);
-
-  json::Value arr = json::parse("[1, -2.5, true, false, null, \"x\"]");
-  CHECK_EQ(arr.size(), std::size_t{6});
-  CHECK_EQ(arr.at(1).as_double(), -2.5);
-  CHECK(!arr.at(1).is_integer());
-  CHECK(arr.at(2).as_bool());
-  CHECK(!arr.at(3).as_bool());
-  CHECK(arr.at(4).is_null());
-  CHECK_EQ(arr.at(5).as_string(), std::string("x"));
-  CHECK_THROWS(arr.at(6), "out of range");
-  CHECK_THROWS(arr.at(5).as_int(), "expected number, got string");
-
-  CHECK(json::parse("\xEF\xBB\xBF{\"bom\": 1}").find("bom") != nullptr);
-}
-
-void test_json_strings() {
-  CHECK_EQ(json::parse(R"("\"\\\/\b\f\n\r\t")").as_string(), std::string("\"\\/\b\f\n\r\t"));
-  CHECK_EQ(json::parse(R"("caf\u00e9")").as_string(), std::string("caf\xC3\xA9"));
-  CHECK_EQ(json::parse(R"("\u20AC")").as_string(), std::string("\xE2\x82\xAC"));
-  CHECK_EQ(json::parse(R"("\ud83d\ude00")").as_string(), std::string("\xF0\x9F\x98\x80"));
-  CHECK_EQ(json::parse(R"("\u0000")").as_string(), std::string(1, '\0'));
-  CHECK_EQ(json::parse("\"raw \xC3\xA9 \xF0\x9F\x98\x80\"").as_string(),
-           std::string("raw \xC3\xA9 \xF0\x9F\x98\x80"));
-  CHECK_THROWS(json::parse(R"("\ud83d")"), "high surrogate");
-  CHECK_THROWS(json::parse(R"("\ude00")"), "lone low surrogate");
-  CHECK_THROWS(json::parse(R"("\ud83d\u0041")"), "high surrogate");
-  CHECK_THROWS(json::parse(R"("\u12G4")"), "invalid hex digit");
-  CHECK_THROWS(json::parse(R"("\x")"), "invalid escape");
-  CHECK_THROWS(json::parse("\"tab\there\""), "control character");
-  CHECK_THROWS(json::parse("\"bad \xC3\""), "UTF-8");
-  CHECK_THROWS(json::parse("\"over \xC0\xAF\""), "UTF-8");
-  CHECK_THROWS(json::parse("\"surrogate \xED\xA0\x80\""), "UTF-8");
-  CHECK_THROWS(json::parse("\"open"), "unterminated string");
-}
-
-void test_json_numbers() {
-  CHECK_EQ(json::parse("0").as_int(), std::int64_t{0});
-  CHECK_EQ(json::parse("-0").as_int(), std::int64_t{0});
-  CHECK(json::parse("1e3").is_number());
-  CHECK(!json::parse("1e3").is_integer());
-  CHECK_EQ(json::parse("1e3").as_int(), std::int64_t{1000});
-  CHECK_EQ(json::parse("2.0").as_int(), std::int64_t{2});
-  CHECK_THROWS(json::parse("2.5").as_int(), "expected an integer");
-  CHECK_EQ(json::parse("9223372036854775807").as_int(), std::numeric_limits<std::int64_t>::max());
-  CHECK_EQ(json::parse("-9223372036854775808").as_int(),
+void test_json_helpers() {
+  // What the readers rely on beyond nlohmann/json itself.
+  CHECK_EQ(json::exact_integer(json::parse("7")).value_or(-1), std::int64_t{7});
+  CHECK_EQ(json::exact_integer(json::parse("-9223372036854775808")).value_or(0),
            std::numeric_limits<std::int64_t>::min());
-  CHECK(!json::parse("9223372036854775808").is_integer());
-  CHECK_EQ(json::parse("9223372036854775808").as_double(), 9223372036854775808.0);
-  CHECK_EQ(json::parse("1.5e-7").as_double(), 1.5e-7);
-  CHECK_EQ(json::parse("-12.375E+2").as_double(), -1237.5);
-  CHECK_EQ(json::parse("0.1").as_double(), 0.1);
-  CHECK_THROWS(json::parse("01"), "leading zeros");
-  CHECK_THROWS(json::parse("1."), "decimal point");
-  CHECK_THROWS(json::parse("-"), "digit");
-  CHECK_THROWS(json::parse(".5"), "unexpected '.'");
-  CHECK_THROWS(json::parse("1e"), "exponent");
-  CHECK_THROWS(json::parse("1e400"), "outside the double range");
-  CHECK_THROWS(json::parse("+1"), "unexpected '+'");
-}
+  CHECK_EQ(json::exact_integer(json::parse("2.0")).value_or(-1), std::int64_t{2});
+  CHECK(!json::exact_integer(json::parse("2.5")).has_value());
+  CHECK(!json::exact_integer(json::parse("9223372036854775808")).has_value());
+  CHECK(!json::exact_integer(json::parse("\"7\"")).has_value());
+  json::Value doc = json::parse(R"({"b": 1, "a": 2, "b": 3})");
+  CHECK_EQ(doc.begin().key(), std::string("b"));  // document order kept
+  CHECK_EQ(json::find(doc, "b")->get<int>(), 3);  // a repeated name keeps the last value
+  CHECK(json::find(doc, "c") == nullptr);
+  CHECK(json::find(json::parse("[1]"), "b") == nullptr);
+  CHECK(json::parse("\xEF\xBB\xBF{\"bom\": 1}").is_object());
 
-void test_json_syntax() {
-  CHECK_THROWS(json::parse(""), "empty document");
-  CHECK_THROWS(json::parse("   "), "empty document");
-  CHECK_THROWS(json::parse("[1,]"), "expected a value");
-  CHECK_THROWS(json::parse(R"({"a": 1,})"), "member name");
-  CHECK_THROWS(json::parse(R"({'a': 1})"), "member name");
-  CHECK_THROWS(json::parse(R"({"a" 1})"), "expected ':'");
-  CHECK_THROWS(json::parse("[1 2]"), "expected ',' or ']'");
-  CHECK_THROWS(json::parse("1 2"), "after the document");
-  CHECK_THROWS(json::parse("tru"), "expected 'true'");
-  CHECK_THROWS(json::parse("nul"), "expected 'null'");
-  CHECK_THROWS(json::parse("[NaN]"), "unexpected 'N'");
-  CHECK_THROWS(json::parse("{\n  \"a\": [1,\n  ?]\n}"), "line 3, column 3");
-  std::string deep(600, '[');
-  deep += std::string(600, ']');
-  CHECK_THROWS(json::parse(deep), "nesting deeper than 512");
-  CHECK(json::parse(std::string(100, '[') + std::string(100, ']')).is_array());
-}
-
-void test_json_dump() {
-  CHECK_EQ(json::dump(json::Value(0.1)), std::string("0.1"));
-  CHECK_EQ(json::dump(json::Value(1.0)), std::string("1.0"));
-  CHECK_EQ(json::dump(json::Value(static_cast<double>(0.1f))),
-           std::string("0.10000000149011612"));
-  CHECK_EQ(json::dump(json::Value(std::nan(""))), std::string("null"));
-  CHECK_EQ(json::dump(json::Value(std::int64_t{-42})), std::string("-42"));
-  CHECK_EQ(json::dump(json::Value(std::string("a\"b\\c\n\x01\xC3\xA9"))),
-           std::string("\"a\\\"b\\\\c\\n\\u0001\xC3\xA9\""));
-  json::Value obj = json::Value::object();
-  obj.set("x", json::Value::array());
-  obj.set("y", std::string("z"));
-  obj.set("x", 3);  // replace keeps position
-  CHECK_EQ(json::dump(obj), std::string(R"({"x": 3, "y": "z"})"));
-  std::string text = R"({"a": [1, 2.5, "\u00e9\ud83d\ude00", {"b": null}], "c": true})";
-  json::Value once = json::parse(text);
-  CHECK_EQ(json::dump(json::parse(json::dump(once, 2))), json::dump(once));
-  // Every float32 survives a print/parse round trip exactly.
-  for (float f : {1.0f / 3.0f, -7.25e-12f, 3.4028235e38f, 1.1754944e-38f, 0.0f}) {
-    double back = json::parse(json::dump(json::Value(static_cast<double>(f)))).as_double();
-    CHECK_EQ(static_cast<float>(back), f);
+  // Printing: float32 values read back exactly, non-JSON numbers become null, and bytes that
+  // are not UTF-8 (a prompt typed in another encoding) cannot make printing throw.
+  for (float f : {1.0f / 3.0f, -7.25e-12f, 3.4028235e38f, 1.1754944e-38f, 3.0e-39f, -0.0f}) {
+    const std::string text = json::dump(json::Value(static_cast<double>(f)));
+    const auto back = static_cast<float>(json::parse(text).get<double>());
+    CHECK_EQ(back, f);
+    CHECK_EQ(std::signbit(back), std::signbit(f));
   }
+  CHECK_EQ(json::dump(json::Value(1.0)), std::string("1.0"));
+  CHECK_EQ(json::dump(json::Value(std::nan(""))), std::string("null"));
+  CHECK_EQ(json::dump(json::Value(std::string("bad \xC3"))), std::string("\"bad \xEF\xBF\xBD\""));
+
+  // Errors: one line, "invalid JSON", the position where one is known.
+  CHECK_THROWS(json::parse("{\n  \"a\": [1,\n  ?]\n}"), "invalid JSON at line 3, column 3");
+  CHECK_THROWS(json::parse(""), "invalid JSON at line 1, column 1");
+  CHECK_THROWS(json::parse("[1e400]"), "invalid JSON", "1e400");
+  try {
+    json::parse("[1,\n 2,,]");
+    report(__FILE__, __LINE__, "[1, 2,,] parsed");
+  } catch (const json::ParseError& e) {
+    CHECK_EQ(e.line(), std::size_t{2});
+    CHECK_EQ(e.column(), std::size_t{4});
+  }
+
   auto list = json::parse_string_list(R"(["Segment the liver", "caf\u00e9"])");
   CHECK_EQ(list.size(), std::size_t{2});
   CHECK_EQ(list[1], std::string("caf\xC3\xA9"));
@@ -341,7 +271,7 @@ void test_safetensors(const fs::path& work) {
   write_file(bad, safetensors_bytes(cache_header("F32", R"([\"only one\"])"), data));
   CHECK_THROWS(promptseg::PromptCache::open(bad), "1 prompts but 3 targets");
   write_file(bad, safetensors_bytes(cache_header("F32", "not json"), data));
-  CHECK_THROWS(promptseg::PromptCache::open(bad), "bad.safetensors", "__metadata__");
+  CHECK_THROWS(promptseg::PromptCache::open(bad), "bad.safetensors", "__metadata__: invalid JSON");
   std::string gap = cache_header();
   gap.replace(gap.find("[48, 72]"), 8, "[52, 76]");
   write_file(bad, safetensors_bytes(gap, data + "0000"));
@@ -465,10 +395,143 @@ void test_manifest(const fs::path& work) {
   CHECK_THROWS(bad(without(R"("plan": "model.plan")", R"("plan": "/etc/passwd")")),
                "field 'tensorrt.plan'");
   CHECK_THROWS(bad("[1, 2]"), "manifest.json", "top level");
+  CHECK_THROWS(bad(without(R"("resolution": 32,)", R"("resolution": 32.5,)")),
+               "field 'resolution'", "expected an integer, got 32.5");
+  CHECK(bad(without(R"("resolution": 32,)", R"("resolution": 32.0,)")).resolution == 32);
+
+  // Malformed JSON: the file, "invalid JSON" and where, on one line (line and column as
+  // Python's json module reports them for the same text).
   CHECK_THROWS(bad("{\"format\": "), "manifest.json", "invalid JSON at line 1");
+  CHECK_THROWS(bad(ok.substr(0, ok.size() - 3)), "manifest.json",
+               "invalid JSON at line 17, column 133");
+  CHECK_THROWS(bad(without(R"("version": 1,)", R"('version': 1,)")), "manifest.json",
+               "invalid JSON at line 2, column 33");
+  CHECK_THROWS(bad(without(R"("int8": null})", R"("int8": null,})")), "manifest.json",
+               "invalid JSON at line 15, column 49");
+  CHECK_THROWS(bad(without(R"("max_batch": 32)", R"("max_batch": NaN)")), "manifest.json",
+               "invalid JSON at line 16, column 87");
+  CHECK_THROWS(bad(without(R"("max_batch": 32)", R"("max_batch": 1e400)")), "manifest.json",
+               "invalid JSON", "1e400");
+  CHECK_THROWS(bad(without(R"(["liver", "left kidney"])", "[\"liver\", \"left \xC3 kidney\"]")),
+               "manifest.json", "invalid JSON at line 14, column 31", "UTF-8");
+  CHECK_THROWS(bad(without(R"("liver", "left kidney")", R"("liver", "\ud83d")")),
+               "manifest.json", "invalid JSON at line 14, column 31", "surrogate");
+  // What Python's json module also accepts: a BOM-less UTF-8 file with \u escapes and a
+  // repeated name (the last value wins).
+  promptseg::Manifest escaped = bad(without(R"("left kidney"])", R"("caf\u00e9"])"));
+  CHECK_EQ(escaped.targets[1], std::string("caf\xC3\xA9"));
+  promptseg::Manifest repeated = bad(without(R"("resolution": 32,)",
+                                             R"("resolution": 16, "resolution": 32,)"));
+  CHECK_EQ(repeated.resolution, std::int64_t{32});
+  CHECK_EQ(bad("\xEF\xBB\xBF" + ok).resolution, std::int64_t{32});
   CHECK_THROWS(promptseg::read_manifest(work / "no_such_engine"), "no_such_engine",
                "not a directory");
   CHECK_THROWS(promptseg::read_manifest(work), "manifest.json", "not found");
+}
+
+/// ``text`` with the one occurrence of ``from`` replaced (a test-setup failure otherwise).
+std::string replaced(std::string text, const std::string& from, const std::string& to) {
+  std::size_t at = text.find(from);
+  if (at == std::string::npos) {
+    report(__FILE__, __LINE__, "test setup: '" + from + "' not in the text");
+    return text;
+  }
+  return text.replace(at, from.size(), to);
+}
+
+void test_presence(const fs::path& work) {
+  const fs::path where = work / "engine" / "manifest.json";
+  const std::string old = manifest_text(std::string(64, 'a'), 10);
+  const std::string logits_only =
+      R"("outputs": [{"name": "logits", "shape": ["N", 1, 32, 32], "dtype": "float32"}],)";
+  const std::string with_presence =
+      replaced(old, logits_only,
+               R"("outputs": [{"name": "logits", "shape": ["N", 1, 32, 32], "dtype": "float32"},
+              {"name": "presence", "shape": ["N", 1], "dtype": "float32"}],
+  "presence_thresholds": {"liver": 0.25, "left kidney": 1},)");
+  auto parse = [&](const std::string& text) { return promptseg::parse_manifest(text, where); };
+
+  // An older engine: mask logits only, no thresholds.
+  promptseg::Manifest before = parse(old);
+  CHECK(!before.has_presence());
+  CHECK(before.presence_thresholds.empty());
+  CHECK(!before.presence_threshold("liver").has_value());
+
+  promptseg::Manifest m = parse(with_presence);
+  CHECK(m.has_presence());
+  CHECK_EQ(m.outputs.size(), std::size_t{2});
+  CHECK_EQ(m.outputs[1].name, std::string("presence"));
+  CHECK_EQ(m.outputs[1].shape[1].value, std::int64_t{1});
+  CHECK_EQ(m.presence_threshold("liver").value_or(-1.0), 0.25);
+  CHECK_EQ(m.presence_threshold("left kidney").value_or(-1.0), 1.0);
+  CHECK(!m.presence_threshold("spleen").has_value());
+  // A threshold without the output is allowed (the schema does not tie them); so is null.
+  CHECK_EQ(parse(replaced(with_presence, R"(,
+              {"name": "presence", "shape": ["N", 1], "dtype": "float32"}])", "]"))
+               .presence_thresholds.size(),
+           std::size_t{2});
+  CHECK(parse(replaced(old, R"("targets")", R"("presence_thresholds": null, "targets")"))
+            .presence_thresholds.empty());
+
+  CHECK_THROWS(parse(replaced(with_presence, R"("liver": 0.25)", R"("liver": 1.5)")),
+               "manifest.json", "field 'presence_thresholds.liver'", "[0, 1], got 1.5");
+  CHECK_THROWS(parse(replaced(with_presence, R"("liver": 0.25)", R"("liver": -0.1)")),
+               "field 'presence_thresholds.liver'");
+  CHECK_THROWS(parse(replaced(with_presence, R"("liver": 0.25)", R"("liver": "0.25")")),
+               "field 'presence_thresholds.liver'", "expected a number, got string");
+  CHECK_THROWS(parse(replaced(with_presence, R"({"liver": 0.25, "left kidney": 1})", "[0.5]")),
+               "field 'presence_thresholds'", "expected an object, got array");
+  CHECK_THROWS(parse(replaced(with_presence, R"(["N", 1], "dtype")", R"(["N", 1, 1], "dtype")")),
+               "field 'outputs[1].shape'", "[N, 1]", "got 3 dimensions");
+  CHECK_THROWS(parse(replaced(with_presence, R"(["N", 1], "dtype")", R"(["N", 2], "dtype")")),
+               "field 'outputs[1].shape[1]'", "expected 1", "got 2");
+  CHECK_THROWS(parse(replaced(with_presence, R"("name": "presence")", R"("name": "mask")")),
+               "field 'outputs'", "[logits] or [logits, presence]");
+  CHECK_THROWS(parse(replaced(old, R"("N", 1, 32, 32], "dtype": "float32"}],)",
+                              R"("N", 1, 32], "dtype": "float32"}],)")),
+               "field 'outputs[0].shape'", "logits must be [N, 1, R, R]");
+
+  // Which tau applies: --no-presence-gate, --presence-threshold, else the manifest's.
+  using promptseg::PresenceOptions;
+  CHECK_EQ(promptseg::presence_tau(m, "liver", PresenceOptions{}).value_or(-1.0), 0.25);
+  CHECK(!promptseg::presence_tau(m, "spleen", PresenceOptions{}).has_value());
+  CHECK(!promptseg::presence_tau(m, "liver", PresenceOptions{false, 0.5}).has_value());
+  CHECK_EQ(promptseg::presence_tau(m, "spleen", PresenceOptions{true, 0.5}).value_or(-1.0), 0.5);
+  CHECK_EQ(promptseg::presence_tau(before, "liver", PresenceOptions{true, 0.0}).value_or(-1.0),
+           0.0);
+  CHECK_THROWS(promptseg::presence_tau(m, "liver", PresenceOptions{true, 1.5}),
+               "--presence-threshold", "between 0 and 1");
+
+  // The gate: 3 slices of 2 x 2; a slice goes empty where sigmoid(presence) < tau.
+  CHECK_EQ(promptseg::sigmoid(0.0f), 0.5f);
+  CHECK_EQ(promptseg::sigmoid(-200.0f), 0.0f);
+  CHECK_EQ(promptseg::sigmoid(200.0f), 1.0f);
+  CHECK(std::fabs(promptseg::sigmoid(-2.0f) - 0.11920292f) < 1e-7f);
+  const std::vector<std::uint8_t> masks = {1, 1, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1};
+  const std::vector<float> presence = {-2.0f, 0.0f, 3.0f};  // p = 0.119, 0.5, 0.953
+  std::vector<std::uint8_t> gated = masks;
+  promptseg::PresenceGate gate = promptseg::apply_presence_gate(presence, 0.5, gated, 4);
+  CHECK(gated == (std::vector<std::uint8_t>{0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1}));  // p = tau kept
+  CHECK_EQ(gate.slices_gated, std::size_t{1});
+  CHECK(gate.present);
+  CHECK_EQ(gate.threshold.value_or(-1.0), 0.5);
+  CHECK_EQ(gate.probabilities.size(), std::size_t{3});
+  CHECK_EQ(gate.probabilities[1], 0.5f);
+  CHECK_EQ(gate.max_probability().value_or(-1.0f), promptseg::sigmoid(3.0f));
+  gated = masks;
+  gate = promptseg::apply_presence_gate(presence, 0.96, gated, 4);
+  CHECK(std::all_of(gated.begin(), gated.end(), [](std::uint8_t v) { return v == 0; }));
+  CHECK_EQ(gate.slices_gated, std::size_t{3});
+  CHECK(!gate.present);  // absent: an empty mask
+  gated = masks;
+  gate = promptseg::apply_presence_gate(presence, std::nullopt, gated, 4);  // no tau: no gate
+  CHECK(gated == masks);
+  CHECK(!gate.threshold.has_value() && gate.slices_gated == 0 && gate.probabilities.size() == 3);
+  gate = promptseg::apply_presence_gate({}, 0.5, gated, 4);  // an engine without the output
+  CHECK(gated == masks);
+  CHECK(!gate.max_probability().has_value() && !gate.threshold.has_value() && gate.present);
+  CHECK_THROWS(promptseg::apply_presence_gate({0.0f, 1.0f}, 0.5, gated, 4),
+               "2 presence logits for 3 slices");
 }
 
 }  // namespace
@@ -478,14 +541,11 @@ int main(int argc, char** argv) {
   fs::remove_all(work);
   fs::create_directories(work);
   const std::vector<std::pair<const char*, std::function<void()>>> tests = {
-      {"json values", test_json_values},
-      {"json strings", test_json_strings},
-      {"json numbers", test_json_numbers},
-      {"json syntax", test_json_syntax},
-      {"json dump", test_json_dump},
+      {"json helpers", test_json_helpers},
       {"sha256", [&] { test_sha256(work); }},
       {"safetensors", [&] { test_safetensors(work); }},
       {"manifest", [&] { test_manifest(work); }},
+      {"presence", [&] { test_presence(work); }},
   };
   for (const auto& [name, body] : tests) {
     int before = g_failures;

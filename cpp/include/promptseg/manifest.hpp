@@ -73,6 +73,9 @@ struct Manifest {
   Preprocessing preprocessing;
   std::string axcodes;  ///< orientation.axcodes
   std::vector<std::string> targets;
+  /// presence_thresholds: target -> tau in [0, 1]; a slice whose sigmoid(presence) < tau gets
+  /// an empty mask. Empty when the manifest records none (older exports).
+  std::map<std::string, double> presence_thresholds;
   std::map<std::string, std::string> graphs;  ///< precision -> file, e.g. fp32 -> model.onnx
   std::optional<TensorRTInfo> tensorrt;
   std::vector<FileEntry> files;  ///< in manifest order
@@ -83,7 +86,17 @@ struct Manifest {
   const TensorSpec* output(const std::string& name) const noexcept;
   /// The files entry called ``name``, or nullptr.
   const FileEntry* file(const std::string& name) const noexcept;
+  /// Whether the image graph has the optional second output ``presence`` [N, 1] (one presence
+  /// logit per slice); older engines have only ``logits``.
+  bool has_presence() const noexcept;
+  /// tau of ``target`` from presence_thresholds, or nullopt when the manifest has none for it.
+  std::optional<double> presence_threshold(const std::string& target) const;
 };
+
+/// Output names of the image graph: the mask logits [N, 1, R, R] and, optionally, the
+/// presence logits [N, 1].
+inline constexpr const char* kLogitsOutput = "logits";
+inline constexpr const char* kPresenceOutput = "presence";
 
 /// The manifest's file name inside an engine folder.
 inline constexpr const char* kManifestName = "manifest.json";
@@ -93,8 +106,10 @@ inline constexpr const char* kPromptCacheName = "prompt_cache.safetensors";
 /// Read and validate ``engine_dir/manifest.json``.
 ///
 /// Checks format/version, that the FiLM layout tiles [0, film_dim) exactly, that the image
-/// input is [N, 1, R, R] and the film input [N, film_dim] where given, and that file names
-/// stay inside the folder. Throws Error("<dir>/manifest.json: field 'x.y': ...") otherwise.
+/// input is [N, 1, R, R] and the film input [N, film_dim] where given, that the outputs are
+/// logits [N, 1, R, R] and optionally presence [N, 1], that presence thresholds lie in [0, 1],
+/// and that file names stay inside the folder. Throws
+/// Error("<dir>/manifest.json: field 'x.y': ...") otherwise.
 Manifest read_manifest(const std::filesystem::path& engine_dir);
 
 /// Same, from text already in memory (``path`` only names the file in messages).

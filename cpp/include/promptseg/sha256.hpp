@@ -1,4 +1,5 @@
-// promptseg C++ host: SHA-256 (FIPS 180-4) and the manifest's file-hash check.
+// promptseg C++ host: SHA-256 through PicoSHA2 (vendored in cpp/third_party/picosha2) and the
+// manifest's file-hash check.
 #pragma once
 
 #include <array>
@@ -9,6 +10,8 @@
 #include <string_view>
 #include <vector>
 
+#include <picosha2.h>
+
 #include "promptseg/manifest.hpp"
 
 namespace promptseg {
@@ -16,20 +19,16 @@ namespace promptseg {
 /// Incremental SHA-256.
 class Sha256 {
  public:
-  Sha256() noexcept;
-  void update(const void* data, std::size_t size) noexcept;
+  Sha256() = default;
+  void update(const void* data, std::size_t size);
   /// The 32-byte digest; the object must not be updated afterwards.
-  std::array<std::uint8_t, 32> digest() noexcept;
+  std::array<std::uint8_t, 32> digest();
   /// The digest as 64 lowercase hex digits.
-  std::string hexdigest() noexcept;
+  std::string hexdigest();
 
  private:
-  void block(const std::uint8_t* data) noexcept;
-
-  std::array<std::uint32_t, 8> state_;
-  std::array<std::uint8_t, 64> buffer_{};
-  std::size_t buffered_ = 0;
-  std::uint64_t length_ = 0;  // bytes
+  picosha2::hash256_one_by_one hasher_;
+  bool finished_ = false;
 };
 
 /// SHA-256 of bytes in memory, as 64 lowercase hex digits.
