@@ -386,6 +386,7 @@ def _prompt_path(state: _State, opset: int, prompts_file: Any, quant: str, verif
         export_text_encoder,
         session,
     )
+    from promptseg.presence import DEFAULT_TAU as PRESENCE_DEFAULT_TAU
     from promptseg.prompts import prompt_groups
 
     loaded, encoder, out = state.loaded, state.encoder, state.out
@@ -431,6 +432,12 @@ def _prompt_path(state: _State, opset: int, prompts_file: Any, quant: str, verif
     state.fields["text_encoder"] = text
     state.fields["prompt_refusal"] = refusal
     state.fields["prompt_groups"] = prompt_groups(vocab.targets)
+    if state.loaded.model.unet.presence_head is not None:
+        # Every target gets a tau: the checkpoint's calibrated one, else the neutral 0.5.
+        taus = state.loaded.presence_thresholds
+        state.fields["presence_thresholds"] = {
+            t: float(taus.get(t, PRESENCE_DEFAULT_TAU)) for t in vocab.targets
+        }
     state.progress(
         f"prompt refusal threshold {refusal['threshold']:.4f} "
         f"(balanced accuracy {refusal['balanced_accuracy']:.3f}, "
