@@ -584,3 +584,11 @@ def test_train_config_defaults_and_model_config():
     assert cfg.model_config() == preset_config("default")
     small = TrainConfig(preset="small", resolution=64, cbam=False, fusion="film")
     assert small.model_config() == preset_config("small", resolution=64, cbam=False, fusion="film")
+
+
+def test_shipped_default_config_is_the_long_schedule():
+    values = json.loads((Path(__file__).parents[1] / "configs" / "default.json").read_text())
+    cfg = TrainConfig(**values)
+    assert cfg.preset == "default" and cfg.datasets == list(KINDS)
+    assert cfg.total_samples >= 300_000  # at least 10x the samples of the old default
+    assert cfg.model_config().presence_hidden > 0
