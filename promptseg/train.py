@@ -598,9 +598,29 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_minutes: float = 0.
 
 
 def _compiled(fn):
-    """``torch.compile`` of the model inside ``fn`` where it works here, else ``fn`` itself."""
-    try:
-        return torch.compile(fn, dynamic=True)
-    except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
-        print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
+    """``torch.compile`` of the model inside ``fn`` where it works here, else ``fn`` itself.
+
+    The backend compiles at the first call, so a failure there (no C++ compiler, an
+    unsupported op) also falls back to eager for the rest of the run.
+    """
+
+    def eager(exc: Exception):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"warning: torch.compile unavailable ({first}); running eagerly", file=sys.stderr)
         return fn
+
+    try:
+        current = torch.compile(fn, dynamic=True)
+    except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
+        return eager(exc)
+
+    def call(*args, **kwargs):
+        nonlocal current
+        if current is not fn:
+            try:
+                return current(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - as above, at the first compilation
+                current = eager(exc)
+        return fn(*args, **kwargs)
+
+    return call

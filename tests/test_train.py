@@ -592,3 +592,28 @@ def test_shipped_default_config_is_the_long_schedule():
     assert cfg.preset == "default" and cfg.datasets == list(KINDS)
     assert cfg.total_samples >= 300_000  # at least 10x the samples of the old default
     assert cfg.model_config().presence_hidden > 0
+
+
+def test_compile_falls_back_to_eager_when_the_backend_fails_at_the_first_call(tmp_path):
+    """Inductor compiles at the first call; without a working C++ compiler the step runs
+    eagerly after one warning line instead of failing."""
+    code = (
+        "import torch\n"
+        "from promptseg.train import _compiled\n"
+        "f = _compiled(lambda x: torch.relu(x) * 2 + 1)\n"
+        "print(f(torch.ones(4, 3)).sum().item(), f(-torch.ones(2, 3)).sum().item())\n"
+    )
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["36.0", "6.0"]
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "torch.compile unavailable" in warnings[0]
+    assert "running eagerly" in warnings[0]
