@@ -301,9 +301,6 @@ def test_run_outputs(trained_run):
     assert best.preprocessing.resolution == RES
     assert best.vocabulary == PromptVocabulary()
     assert "Segment the liver" in best.prompt_embeddings
-    ema = _state(trained_run)["ema"] if first_best is history[-1] else None
-    if ema is not None:  # the best checkpoint holds the EMA weights of its step
-        assert _same({k: v.contiguous() for k, v in best.model.state_dict().items()}, ema)
 
     png = trained_run / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
