@@ -100,8 +100,11 @@ class TrainConfig:
                 "batch must be >= 2, total_samples >= batch and lr > 0; got "
                 f"{self.batch}, {self.total_samples}, {self.lr}"
             )
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads < 1 or self.save_every_steps < 1:
+            raise ValueError(
+                "threads and save_every_steps must be >= 1; got "
+                f"{self.threads}, {self.save_every_steps}"
+            )
         if not 0 <= self.uniform_fraction <= 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(
                 "uniform_fraction must be in [0, 1] and ema_decay in [0, 1); got "
@@ -282,7 +285,7 @@ def step_losses(
     film = model.film(batch.embeddings[img_idx, tgt_idx])  # (P, F)
     fused = unet.fuse(skips[-1][img_idx], film)  # (P, Cb, h, w)
     presence = unet.presence(fused)[:, 0]
-    labels = (batch.state[img_idx, tgt_idx] == PRESENT).float()
+    labels = (batch.state[img_idx, tgt_idx] == PRESENT).float().to(presence.device)
     presence_loss = F.binary_cross_entropy_with_logits(presence, labels)
     if unet.presence_head is None:  # nothing to learn: the network always answers "present"
         presence_loss = presence_loss * 0.0
@@ -555,6 +558,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_minutes: float = 0.
             torch.manual_seed(step_seed(cfg.seed, step))  # dropout
             batch = make_batch(train_bank, sampler, cfg, embeddings, vocab, step)
             batch.images = batch.images.to(cfg.device, memory_format=memory_format)
+            batch.masks = batch.masks.to(cfg.device)
+            batch.embeddings = batch.embeddings.to(cfg.device)
             with torch.autocast(cfg.device.split(":")[0], torch.bfloat16, enabled=cfg.bf16):
                 loss, stats = step_fn(model, batch, mask_loss, cfg.presence_weight)
             opt.zero_grad(set_to_none=True)
@@ -592,9 +597,29 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after_minutes: float = 0.
 
 
 def _compiled(fn):
-    """``torch.compile`` of the model inside ``fn`` where it works here, else ``fn`` itself."""
-    try:
-        return torch.compile(fn, dynamic=True)
-    except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
-        print(f"warning: torch.compile unavailable ({exc}); running eagerly", file=sys.stderr)
+    """``torch.compile`` of the model inside ``fn`` where it works here, else ``fn`` itself.
+
+    The backend compiles at the first call, so a failure there (no C++ compiler, an
+    unsupported op) also falls back to eager for the rest of the run.
+    """
+
+    def eager(exc: Exception):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"warning: torch.compile unavailable ({first}); running eagerly", file=sys.stderr)
         return fn
+
+    try:
+        current = torch.compile(fn, dynamic=True)
+    except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
+        return eager(exc)
+
+    def call(*args, **kwargs):
+        nonlocal current
+        if current is not fn:
+            try:
+                return current(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - as above, at the first compilation
+                current = eager(exc)
+        return fn(*args, **kwargs)
+
+    return call

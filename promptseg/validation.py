@@ -34,20 +34,22 @@ def pair_outputs(
     model.eval()
     n, t = bank.state.shape
     out = {k: np.zeros((n, t), np.float64) for k in ("prob", "pred", "inter", "truth")}
-    films = model.film(torch.stack([embeddings[vocab.canonical(x)] for x in TARGETS]))
+    device = next(model.parameters()).device
+    canonical = torch.stack([embeddings[vocab.canonical(x)] for x in TARGETS])
+    films = model.film(canonical.to(device))
     for start in range(0, n, batch):
         stop = min(n, start + batch)
-        images = torch.from_numpy(bank.images[start:stop])[:, None]
+        images = torch.from_numpy(bank.images[start:stop])[:, None].to(device)
         skips = model.unet.encode(images)
         for j in range(t):
             rows = np.nonzero(bank.state[start:stop, j] != UNKNOWN)[0]
             if not len(rows):
                 continue
-            sel = torch.from_numpy(rows)
+            sel = torch.from_numpy(rows).to(device)
             film = films[j : j + 1].expand(len(rows), -1)
             fused = model.unet.fuse(skips[-1][sel], film)
-            prob = torch.sigmoid(model.unet.presence(fused)[:, 0]).numpy()
-            pred = (model.unet.decode(fused, [s[sel] for s in skips], film)[:, 0] > 0).numpy()
+            prob = torch.sigmoid(model.unet.presence(fused)[:, 0]).cpu().numpy()
+            pred = (model.unet.decode(fused, [s[sel] for s in skips], film)[:, 0] > 0).cpu().numpy()
             for r, p, m in zip(rows, prob, pred):
                 i = start + r
                 out["prob"][i, j] = p

@@ -19,7 +19,7 @@ from promptseg.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from promptseg.model.unet import PromptSegModel, preset_config
+from promptseg.model.unet import ALWAYS_PRESENT_LOGIT, PromptSegModel, preset_config
 from promptseg.preprocess import Preprocessing
 from promptseg.prompts import PromptVocabulary
 
@@ -69,7 +69,8 @@ def test_round_trip_gives_identical_outputs(saved, text_encoder):
     image = torch.rand(2, 1, 48, 48)
     emb = torch.stack([embeddings["Segment the liver"], embeddings["glioma"]])
     with torch.no_grad():
-        assert torch.equal(loaded.model(image, emb), model(image, emb))
+        got, expected = loaded.model(image, emb), model(image, emb)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     state, original = loaded.model.state_dict(), model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in state)
@@ -135,7 +136,8 @@ def test_model_is_rebuilt_from_the_file_alone(saved):
     x = torch.load(path.parent / "inputs.pt")
     with torch.no_grad():
         expected = model(x["image"], x["emb"])
-    assert torch.equal(torch.load(path.parent / "out.pt"), expected)
+    got = torch.load(path.parent / "out.pt")
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_tiny_checkpoint_fixture_loads(tiny_checkpoint, vocab_embeddings):
@@ -148,6 +150,51 @@ def test_tiny_checkpoint_fixture_loads(tiny_checkpoint, vocab_embeddings):
         film_l, film_s = loaded.model.film(liver), loaded.model.film(spleen)
     assert film_l.shape == (1, loaded.model.unet.film_dim)
     assert not torch.allclose(film_l, film_s)
+
+
+def test_checkpoint_from_before_the_presence_head_still_loads(saved):
+    """A config without cbam_levels / presence_hidden rebuilds the old architecture: CBAM at
+    every level, no presence head (presence answers "always present")."""
+    path, model, _ = saved
+    blob = torch.load(path, weights_only=False)
+    for name in ("cbam_levels", "presence_hidden"):
+        del blob["model_config"][name]
+    old = path.with_name("old.pt")
+    torch.save(blob, old)
+    loaded = load_checkpoint(old)
+    assert loaded.config == model.unet.config
+    assert loaded.model.unet.presence_head is None
+    assert loaded.presence_thresholds == {}
+    image = torch.rand(2, 1, 48, 48)
+    emb = torch.randn(2, loaded.model.embed_dim)
+    with torch.no_grad():
+        logits, presence = loaded.model(image, emb)
+        expected = model(image, emb)[0]
+    assert torch.equal(logits, expected)
+    assert torch.equal(presence, torch.full((2, 1), ALWAYS_PRESENT_LOGIT))
+
+
+def test_presence_head_and_thresholds_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = PromptSegModel(preset_config("tiny", presence_hidden=8), 384, film_hidden=16).eval()
+    taus = {"liver": 0.35, "glioma": 0.6}
+    path = save_checkpoint(
+        tmp_path / "presence.pt",
+        model,
+        text_encoder={"name": "minilm", "hidden_size": 384},
+        vocabulary=PromptVocabulary(),
+        preprocessing=Preprocessing(resolution=32),
+        prompt_embeddings={},
+        train={},
+        film_hidden=16,
+        extra={"presence_thresholds": taus},
+    )
+    loaded = load_checkpoint(path)
+    assert loaded.config.presence_hidden == 8
+    assert loaded.presence_thresholds == taus
+    image, emb = torch.rand(3, 1, 32, 32), torch.randn(3, 384)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(image, emb)[1], model(image, emb)[1])
 
 
 # --------------------------------------------------------------------------- errors

@@ -227,8 +227,10 @@ def test_evaluate_missing_data_folder_creates_nothing(tmp_path):
     [
         ({"lr": True}, "lr"),
         ({"weight_decay": False}, "weight_decay"),
-        ({"neg_ratio": True}, "neg_ratio"),
-        ({"epochs": True}, "epochs"),
+        ({"uniform_fraction": True}, "uniform_fraction"),
+        ({"total_samples": True}, "total_samples"),
+        ({"total_samples": 320.5}, "total_samples"),
+        ({"save_every_steps": 0}, "save_every_steps"),
         ({"datasets": "chaos-mr"}, "datasets"),
         ({"threads": 0}, "threads"),
     ],
@@ -238,11 +240,13 @@ def test_train_config_wrong_type_or_value_names_the_key(tmp_path, values, key):
     config.write_text(json.dumps({**values, "out": str(tmp_path / "run")}))
     result = run_promptseg("train", "--config", str(config))
     line = _one_line_exit_2(result, "promptseg train: error:", key)
-    assert str(config) in line or key == "threads"
+    assert str(config) in line or key in ("threads", "save_every_steps")
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("option", ["--threads", "--epochs", "--batch"])
+@pytest.mark.parametrize(
+    "option", ["--threads", "--total-samples", "--batch", "--eval-every-samples"]
+)
 def test_train_non_positive_numbers_on_the_command_line(tmp_path, option):
     result = run_promptseg("train", option, "0", "--out", str(tmp_path / "run"))
     _one_line_exit_2(result, "promptseg train: error:", option, "integer >= 1")

@@ -10,15 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from promptseg.data.bank import DOMAIN, Bank
+from promptseg.data.bank import ABSENT, DOMAIN, PRESENT, UNKNOWN, Bank
 from promptseg.data.datasets import (
     ABDOMEN,
     BRAIN,
     BRAIN_LABELS,
     DATASET_FOLDERS,
+    EXTRA_TRAIN_FOLDERS,
     KINDS,
+    SPLIT_NAMES,
+    TUNE_RULES,
     Case,
     brain_ids,
+    btcv_ids,
     chaos_ids,
     load_brain,
     load_btcv,
@@ -27,6 +31,7 @@ from promptseg.data.datasets import (
     load_lits,
     load_splits,
     make_splits,
+    splits_sha256,
 )
 from promptseg.preprocess import Preprocessing, resize_nearest
 from promptseg.prompts import TARGETS
@@ -228,7 +233,7 @@ def test_split_train_val_disjoint_and_complete(roots, splits, kind):
     every = {
         "brain-tumor": lambda: brain_ids(roots["brain-tumor"]),
         "chaos-mr": lambda: chaos_ids(roots["chaos-mr"]),
-        "btcv-ct": lambda: [1, 5, 7, 15],
+        "btcv-ct": lambda: [1, 5, 7, 15, 9, 20],  # 9 and 20: btcv-ct-slices-extra
     }[kind]()
     assert train | val == set(every)
 
@@ -286,6 +291,104 @@ def test_load_cases_errors(roots, tmp_path):
     with pytest.raises(FileNotFoundError, match="image_<pid>.nii.gz") as info:
         list(load_cases("chaos-mr", tmp_path))
     assert str(tmp_path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- tune split, extras
+
+
+@pytest.fixture(scope="module")
+def split_case_ids(roots) -> dict[str, dict[str, list[str]]]:
+    """Case ids of every split of every dataset, read with the real loaders."""
+    return {
+        kind: {
+            split: [c.case_id for c in load_cases(kind, roots[kind], split)]
+            for split in SPLIT_NAMES
+        }
+        for kind in KINDS
+    }
+
+
+def _extra_root(roots, kind: str) -> Path:
+    return roots[kind].parent / EXTRA_TRAIN_FOLDERS[kind]
+
+
+@pytest.mark.parametrize("kind", ["brain-tumor", "chaos-mr", "btcv-ct"])
+def test_train_tune_val_are_pairwise_disjoint(split_case_ids, kind):
+    parts = {split: set(ids) for split, ids in split_case_ids[kind].items()}
+    for split, ids in split_case_ids[kind].items():
+        assert len(ids) == len(parts[split]), f"{kind}/{split} repeats a case"
+    for a, b in itertools.combinations(SPLIT_NAMES, 2):
+        assert not parts[a] & parts[b], (kind, a, b, sorted(parts[a] & parts[b])[:5])
+    assert parts["train"] and parts["tune"] and parts["val"]
+
+
+def test_lits_has_no_tune_split(split_case_ids, roots):
+    """One volume, split by slice ranges (see test_lits_split_slices_do_not_overlap)."""
+    assert split_case_ids["lits-ct"]["tune"] == []
+    assert len(split_case_ids["lits-ct"]["train"]) == len(split_case_ids["lits-ct"]["val"]) == 1
+    assert list(load_cases("lits-ct", roots["lits-ct"], "tune")) == []
+
+
+def test_brain_extras_join_train_or_tune_never_val(roots, split_case_ids):
+    extra = {f"brain/{n}" for n in brain_ids(_extra_root(roots, "brain-tumor"))}
+    main = {f"brain/{n}" for n in brain_ids(roots["brain-tumor"])}
+    assert len(extra) == 759 and not extra & main
+    parts = {split: set(ids) for split, ids in split_case_ids["brain-tumor"].items()}
+    assert extra <= parts["train"] | parts["tune"]
+    assert not extra & parts["val"]
+    lo, hi = TUNE_RULES["brain-tumor"]["extra_file_numbers"]
+    tune = {c for c in extra if lo <= int(c.split("/")[1]) <= hi}
+    assert parts["tune"] == tune  # the tune split is this range of the extras, nothing else
+    assert parts["train"] == (main - parts["val"]) | (extra - tune)
+
+
+def test_btcv_extra_volumes_join_train_or_tune_never_val(roots, split_case_ids):
+    assert btcv_ids(_extra_root(roots, "btcv-ct")) == [9, 20]
+
+    def volumes(split: str) -> set[int]:
+        return {int(c.split("/")[1]) for c in split_case_ids["btcv-ct"][split]}
+
+    assert volumes("train") == {1, 5, 7, 20}
+    assert volumes("tune") == set(TUNE_RULES["btcv-ct"]) == {9}
+    assert volumes("val") == {15}
+
+
+def test_chaos_tune_is_whole_training_patients(split_case_ids):
+    ids = {
+        split: {int(c.split("/")[1]) for c in cases}
+        for split, cases in split_case_ids["chaos-mr"].items()
+    }
+    assert ids["tune"] == set(TUNE_RULES["chaos-mr"])
+    assert ids["tune"] <= set(load_splits()["chaos-mr"]["train"])
+    assert ids["train"] == set(load_splits()["chaos-mr"]["train"]) - ids["tune"]
+
+
+def test_val_ids_are_those_of_partition_json(split_case_ids):
+    """The validation split is as it was before the extras and the tune split existed."""
+    from promptseg.data.datasets import RULE_SPLITS, SPLITS_FILE
+
+    pinned = json.loads(SPLITS_FILE.read_text())
+    val = {kind: set(ids["val"]) for kind, ids in split_case_ids.items()}
+    assert val["brain-tumor"] == {f"brain/{n}" for n in pinned["brain-tumor"]["val"]}
+    assert val["chaos-mr"] == {f"chaos/{n}" for n in pinned["chaos-mr"]["val"]}
+    assert {int(c.split("/")[1]) for c in val["btcv-ct"]} == set(RULE_SPLITS["btcv-ct"]["val"])
+    assert RULE_SPLITS["lits-ct"]["val"] == {"slices": [96, 128]}
+
+
+def test_splits_sha256_covers_tune_rules_and_extra_folders(monkeypatch):
+    import promptseg.data.datasets as datasets
+
+    base = splits_sha256()
+    assert len(base) == 64 and splits_sha256() == base
+    monkeypatch.setitem(datasets.TUNE_RULES, "chaos-mr", [37])
+    moved = splits_sha256()
+    assert moved != base
+    monkeypatch.setitem(datasets.TUNE_RULES, "btcv-ct", [20])
+    assert splits_sha256() not in (base, moved)
+    monkeypatch.undo()
+    assert splits_sha256() == base
+    monkeypatch.setitem(datasets.EXTRA_TRAIN_FOLDERS, "btcv-ct", "btcv-ct-slices-more")
+    assert splits_sha256() != base
 
 
 # --------------------------------------------------------------------------- bank
@@ -346,3 +449,40 @@ def test_bank_hard_and_easy_negatives(small_bank):
     assert "liver tumour" in chaos_hard and set(BRAIN) == chaos_easy
     assert chaos_hard <= set(ABDOMEN) | {"liver tumour"}
     assert {s.target for s in bank.positives() if s.dataset == "chaos-mr"} == set(ABDOMEN)
+
+
+def test_bank_state_and_mask_index_per_image_and_target(small_bank, roots):
+    bank, cases = small_bank
+    assert bank.state.shape == bank.mask_index.shape == (len(bank.images), len(TARGETS))
+    assert bank.state.dtype == np.int8 and bank.mask_index.dtype == np.int32
+    state = np.full(bank.state.shape, UNKNOWN, np.int8)
+    for s in bank.samples:
+        column = TARGETS.index(s.target)
+        state[s.image, column] = PRESENT if s.positive else ABSENT
+        assert bank.mask_index[s.image, column] == s.mask
+    np.testing.assert_array_equal(bank.state, state)
+    assert (bank.mask_index[bank.state != PRESENT] == -1).all()
+    assert bank.image_dataset == [c.dataset for c in cases for _ in range(c.image.shape[0])]
+    assert bank.image_case == [c.case_id for c in cases for _ in range(c.image.shape[0])]
+
+    # Targets a dataset does not annotate stay UNKNOWN (BTCV: liver tumour).
+    btcv = Bank(32)
+    btcv.add_case(next(iter(load_btcv(roots["btcv-ct"], {1}))), Preprocessing(resolution=32))
+    btcv.finalize()
+    assert btcv.state[0, TARGETS.index("liver tumour")] == UNKNOWN
+    assert (btcv.state[0, [TARGETS.index(t) for t in BRAIN]] == ABSENT).all()
+
+
+def test_bank_target_lost_in_the_resize_is_unknown():
+    """A mask too small to survive the resize is neither a positive nor a true negative."""
+    image = np.zeros((1, 256, 256), np.float32)
+    masks = {t: np.zeros((1, 256, 256), bool) for t in TARGETS}
+    masks["glioma"][0, 1, 1] = True
+    case = Case("brain/0", "brain-tumor", "uint8", image, masks, (1.0, 1.0, 1.0), False)
+    bank = Bank(32)
+    bank.add_case(case, Preprocessing(resolution=32))
+    bank.finalize()
+    assert not resize_nearest(masks["glioma"][0], (32, 32)).any()  # the pixel is lost
+    assert bank.state[0, TARGETS.index("glioma")] == UNKNOWN
+    assert bank.state[0, TARGETS.index("meningioma")] == ABSENT
+    assert not [s for s in bank.samples if s.target == "glioma"]

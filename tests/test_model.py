@@ -25,6 +25,8 @@ from promptseg.model.film import (
     unpack,
 )
 from promptseg.model.unet import (
+    ALWAYS_PRESENT_LOGIT,
+    PresenceHead,
     PromptSegModel,
     UNet,
     UNetConfig,
@@ -237,12 +239,14 @@ def test_unet_output_shape(fusion, se, cbam, res):
     unet = UNet(config)
     image = torch.rand(2, 1, res, res)
     film = torch.randn(2, unet.film_dim)
-    logits = unet(image, film)
+    logits, presence = unet(image, film)
     assert logits.shape == (2, 1, res, res)
-    assert logits.dtype == torch.float32
+    assert presence.shape == (2, 1)
+    assert logits.dtype == presence.dtype == torch.float32
     unet.eval()
     with torch.no_grad():
-        assert unet(image[:1], film[:1]).shape == (1, 1, res, res)
+        logits, presence = unet(image[:1], film[:1])
+    assert logits.shape == (1, 1, res, res) and presence.shape == (1, 1)
 
 
 @pytest.mark.parametrize(
@@ -269,12 +273,12 @@ def test_different_film_vectors_give_different_outputs(fusion):
     image = torch.rand(1, 1, 32, 32).repeat(2, 1, 1, 1)
     film = torch.randn(2, unet.film_dim)
     with torch.no_grad():
-        out = unet(image, film)
+        out = unet(image, film)[0]
     # At initialisation the prompt's influence is small after three decoder stages, but far
     # above float32 noise (identical film rows give identical outputs).
     assert (out[0] - out[1]).abs().max() > 1e-6
     with torch.no_grad():
-        same = unet(image, film[:1].repeat(2, 1))
+        same = unet(image, film[:1].repeat(2, 1))[0]
     assert (same[0] - same[1]).abs().max() < 1e-7
 
 
@@ -284,12 +288,12 @@ def test_unet_returns_raw_logits_without_sigmoid():
     unet.head.register_forward_hook(lambda m, i, o: captured.update(out=o))
     image, film = torch.rand(2, 1, 32, 32), torch.randn(2, unet.film_dim)
     with torch.no_grad():
-        out = unet(image, film)
+        out = unet(image, film)[0]
         assert torch.equal(out, captured["out"])  # the head's 1x1 conv output is the result
         unet.head.bias.fill_(-10.0)
-        low = unet(image, film)
+        low = unet(image, film)[0]
         unet.head.bias.fill_(10.0)
-        high = unet(image, film)
+        high = unet(image, film)[0]
     # A sigmoid (or any squashing) would keep these inside (0, 1).
     assert low.max() < 0
     assert high.min() > 1
@@ -375,5 +379,83 @@ def test_prompt_seg_model_wiring():
     assert model.film.layout == model.unet.layout
     image = torch.rand(3, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(image, emb), model.unet(image, model.film(emb)))
+        logits, presence = model(image, emb)
+        expected = model.unet(image, model.film(emb))
+    torch.testing.assert_close(logits, expected[0])
+    torch.testing.assert_close(presence, expected[1])
     assert count_parameters(model) == count_parameters(model.unet) + count_parameters(model.film)
+
+
+# --------------------------------------------------------------------------- presence head
+
+
+def test_presence_logits_shape_and_prompt_dependence():
+    unet = UNet(preset_config("tiny", presence_hidden=8)).eval()
+    assert isinstance(unet.presence_head, PresenceHead)
+    image = torch.rand(1, 1, 32, 32).repeat(3, 1, 1, 1)
+    film = torch.randn(3, unet.film_dim)
+    with torch.no_grad():
+        _, presence = unet(image, film)
+    assert presence.shape == (3, 1) and torch.isfinite(presence).all()
+    assert presence[0] != presence[1]  # same image, other prompt: another answer
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_forward_is_decode_of_fuse_of_encode(fusion):
+    unet = UNet(preset_config("tiny", fusion=fusion, presence_hidden=8)).eval()
+    image, film = torch.rand(2, 1, 32, 32), torch.randn(2, unet.film_dim)
+    with torch.no_grad():
+        logits, presence = unet(image, film)
+        skips = unet.encode(image)
+        fused = unet.fuse(skips[-1], film)
+        step_logits = unet.decode(fused, skips, film)
+        step_presence = unet.presence(fused)
+    assert [s.shape[-1] for s in skips] == [32, 16, 8, 4]
+    assert torch.equal(logits, step_logits)
+    assert torch.equal(presence, step_presence)
+    with torch.no_grad():  # the presence head reads the pooled fused bottleneck and nothing else
+        pooled = torch.cat([fused.mean(dim=(2, 3)), fused.amax(dim=(2, 3))], dim=1)
+        torch.testing.assert_close(presence, unet.presence_head.mlp(pooled))
+
+
+def test_model_without_presence_head_answers_always_present():
+    unet = UNet(preset_config("tiny"))
+    assert unet.config.presence_hidden == 0 and unet.presence_head is None
+    assert not any("presence" in name for name, _ in unet.named_parameters())
+    _, presence = unet(torch.rand(4, 1, 32, 32), torch.randn(4, unet.film_dim))
+    assert torch.equal(presence, torch.full((4, 1), ALWAYS_PRESENT_LOGIT))
+    assert torch.sigmoid(presence).min() > 0.999
+
+
+@pytest.mark.parametrize("levels", [[], [0], [2, 3], [0, 1, 2, 3]])
+def test_cbam_levels_place_spatial_attention(levels):
+    unet = UNet(preset_config("tiny", cbam_levels=levels))
+    encoder = [isinstance(s.cbam, SpatialAttention) for s in unet.encoder]
+    decoder = [isinstance(s.cbam, SpatialAttention) for s in unet.decoder]  # levels 2, 1, 0
+    assert encoder == [level in levels for level in range(4)]
+    assert decoder == [level in levels for level in (2, 1, 0)]
+    off = UNet(preset_config("tiny", cbam_levels=levels, cbam=False))
+    assert not any(isinstance(m, SpatialAttention) for m in off.modules())
+
+
+def test_default_preset_is_small_with_presence_and_coarse_cbam():
+    default, small = preset_config("default"), preset_config("small")
+    assert (default.widths, default.resolution) == (small.widths, small.resolution)
+    assert default.cbam_levels == [2, 3] and default.presence_hidden == 64
+    assert small.cbam_levels == [0, 1, 2, 3] and small.presence_hidden == 0
+    unet = UNet(default)
+    assert unet.presence_head.mlp[0].in_features == 2 * default.widths[-1]
+    assert unet.presence_head.mlp[0].out_features == 64
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"cbam_levels": [4]}, r"cbam_levels must be among 0..3, got \[4\]"),
+        ({"cbam_levels": [-1, 2]}, r"got \[-1, 2\]"),
+        ({"presence_hidden": -1}, "presence_hidden must be >= 0, got -1"),
+    ],
+)
+def test_unet_config_rejects_bad_presence_and_cbam_fields(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        UNetConfig(**overrides)

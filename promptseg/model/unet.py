@@ -156,7 +156,10 @@ class UNet(nn.Module):
     def presence(self, fused: torch.Tensor) -> torch.Tensor:
         """Presence logits (B, 1) of fused bottleneck features (B, Cb, h, w)."""
         if self.presence_head is None:
-            return fused.new_full((fused.shape[0], 1), ALWAYS_PRESENT_LOGIT)
+            # Derived from ``fused`` (not new_full): the ONNX output keeps its static shape
+            # [N, 1] (a constant of dynamic shape exports with a symbolic second dim), and a
+            # loss on it stays differentiable (zero gradient) when nothing else is trained.
+            return fused.mean(dim=(1, 2, 3))[:, None] * 0.0 + ALWAYS_PRESENT_LOGIT
         return self.presence_head(fused)
 
     def decode(

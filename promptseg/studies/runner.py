@@ -249,9 +249,13 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: s
     from promptseg.losses import build_loss
     from promptseg.model.unet import PromptSegModel, preset_config
     from promptseg.prompts import PromptVocabulary
-    from promptseg.train import augment, seed_everything
+    from promptseg.train import augment
 
-    seed_everything(spec.seed, 1)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     table, index = _embedding_table(cache)
     banks = [_load(_bank_path(cache, d, "train", spec)) for d in spec.train_datasets]
     vocab = PromptVocabulary()
