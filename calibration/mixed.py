@@ -432,17 +432,10 @@ def mixed_precision_search(
     }
     kept: list[str] = []
     if not trial([], "all candidates INT8")["pass"] and candidates:
-        ref_logits = fp32.logits(sens_image, sens_film)
-        ranked = []
-        for i, node in enumerate(candidates):
-            path = build([node], list(always_float))
-            logits = ort_session(path, threads).logits(sens_image, sens_film)
-            worst, damage, err = sensitivity(logits, ref_logits, sens_target)
-            ranked.append({"node": node, "worst_target_damage": worst, "damage": damage,
-                           "logit_error": err, "macs": (macs or {}).get(node)})  # fmt: skip
-            if (i + 1) % 8 == 0 or i + 1 == len(candidates):
-                say(f"INT8 sensitivity: {i + 1}/{len(candidates)} nodes")
-        ranked.sort(key=lambda r: (-r["worst_target_damage"], -r["damage"], -r["logit_error"]))
+        ranked = _rank_by_sensitivity(
+            build, fp32, candidates, always_float, sens_image, sens_film, sens_target,
+            threads=threads, macs=macs, say=say,
+        )  # fmt: skip
         report["sensitivity"] = {
             "samples": int(sens_image.shape[0]),
             "metric": "only this node quantised: 1 - Dice(mask, FP32 mask) per target pooled "
@@ -450,33 +443,9 @@ def mixed_precision_search(
             "by the mean over targets, then by relative logit RMS error",
             "ranked": ranked,
         }
-        order = [r["node"] for r in ranked]
-        lo, hi, k = 0, None, 1
-        while 0 < k <= max_float:  # doubling, then bisection between the last fail and pass
-            if trial(order[:k], f"{k} most sensitive float")["pass"]:
-                hi = k
-                break
-            lo, k = k, (min(2 * k, max_float) if k < max_float else 0)
-        if hi is not None:
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if trial(order[:mid], f"{mid} most sensitive float")["pass"]:
-                    hi = mid
-                else:
-                    lo = mid
-            kept = order[:hi]
-        else:
-            best = min(trials, key=lambda t: t["max_bound"])
-            kept = order[: best["float_nodes"]]
+        kept = _fewest_float([r["node"] for r in ranked], max_float, trial, trials)
     final = next(t for t in reversed(trials) if t["float_nodes"] == len(kept))
-    reasons = dict(always_float)
-    if report["sensitivity"]:
-        rank = {r["node"]: (i + 1, r) for i, r in enumerate(report["sensitivity"]["ranked"])}
-        for n in kept:
-            i, r = rank[n]
-            reasons[n] = (f"sensitivity rank {i} of {len(rank)} (worst-target damage "
-                          f"{r['worst_target_damage']:.4f}); "
-                          f"needed to meet the proxy tolerance")  # fmt: skip
+    reasons = _float_reasons(always_float, kept, report["sensitivity"])
     report["kept_float"] = [{"node": n, "reason": why} for n, why in reasons.items()]
     report["passed"] = bool(final["pass"])
     report["final"] = {
@@ -488,3 +457,78 @@ def mixed_precision_search(
         report["int8_mac_share"] = round(1.0 - floated / total, 4) if total else None
     report["seconds"] = round(time.perf_counter() - started, 1)
     return kept, report
+
+
+def _rank_by_sensitivity(
+    build: Build,
+    fp32: _Session,
+    candidates: Sequence[str],
+    always_float: dict[str, str],
+    sens_image: np.ndarray,
+    sens_film: np.ndarray,
+    sens_target: np.ndarray,
+    *,
+    threads: int | None,
+    macs: dict[str, int] | None,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Candidates, most damaging first, each quantised alone against the FP32 logits.
+
+    Sensitivity samples: ``sens_image`` (N, 1, R, R), ``sens_film`` (N, P), ``sens_target`` (N,).
+    """
+    ref_logits = fp32.logits(sens_image, sens_film)
+    ranked = []
+    for i, node in enumerate(candidates):
+        path = build([node], list(always_float))
+        logits = ort_session(path, threads).logits(sens_image, sens_film)
+        worst, damage, err = sensitivity(logits, ref_logits, sens_target)
+        ranked.append({"node": node, "worst_target_damage": worst, "damage": damage,
+                       "logit_error": err, "macs": (macs or {}).get(node)})  # fmt: skip
+        if (i + 1) % 8 == 0 or i + 1 == len(candidates):
+            say(f"INT8 sensitivity: {i + 1}/{len(candidates)} nodes")
+    ranked.sort(key=lambda r: (-r["worst_target_damage"], -r["damage"], -r["logit_error"]))
+    return ranked
+
+
+def _fewest_float(
+    order: list[str],
+    max_float: int,
+    trial: Callable[[list[str], str], dict[str, Any]],
+    trials: list[dict[str, Any]],
+) -> list[str]:
+    """The shortest prefix of ``order`` kept in float that passes ``trial``.
+
+    Doubling, then bisection between the last failing and the first passing size; when no
+    size up to ``max_float`` passes, the prefix of the trial with the smallest bound.
+    """
+    lo, hi, k = 0, None, 1
+    while 0 < k <= max_float:
+        if trial(order[:k], f"{k} most sensitive float")["pass"]:
+            hi = k
+            break
+        lo, k = k, (min(2 * k, max_float) if k < max_float else 0)
+    if hi is None:
+        best = min(trials, key=lambda t: t["max_bound"])
+        return order[: best["float_nodes"]]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if trial(order[:mid], f"{mid} most sensitive float")["pass"]:
+            hi = mid
+        else:
+            lo = mid
+    return order[:hi]
+
+
+def _float_reasons(
+    always_float: dict[str, str], kept: list[str], ranking: dict[str, Any] | None
+) -> dict[str, str]:
+    """Every node kept in float with why: the caller's reasons, then the sensitivity rank."""
+    reasons = dict(always_float)
+    if ranking:
+        rank = {r["node"]: (i + 1, r) for i, r in enumerate(ranking["ranked"])}
+        for n in kept:
+            i, r = rank[n]
+            reasons[n] = (f"sensitivity rank {i} of {len(rank)} (worst-target damage "
+                          f"{r['worst_target_damage']:.4f}); "
+                          f"needed to meet the proxy tolerance")  # fmt: skip
+    return reasons

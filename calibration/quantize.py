@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +316,6 @@ def quantize_int8(
     """
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     started = time.perf_counter()
     if fallback_tolerance is not None and fallback_tolerance < 0:
@@ -325,14 +324,7 @@ def quantize_int8(
     if not fp32_onnx.is_file():
         raise FileNotFoundError(f"{fp32_onnx}: FP32 graph not found")
     calibrate_method = _calibration_method(method)
-    if isinstance(op_types, str):
-        if op_types not in OP_TYPES:
-            raise ValueError(
-                f"unknown op_types {op_types!r}; valid: {', '.join(OP_TYPES)} or a list"
-            )
-        quantized_ops = OP_TYPES[op_types]
-    else:
-        quantized_ops = tuple(op_types)
+    quantized_ops = _quantized_op_types(op_types)
     calib = resolve_calibration(
         calib_data, fp32_onnx, prompt_cache=prompt_cache, preprocessing=preprocessing, n=n,
         seed=seed,
@@ -342,13 +334,6 @@ def quantize_int8(
     batch, n_batches, stride = _batching(len(calib), calib.resolution, batch_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     excluded = list(nodes_to_exclude)
-    extra: dict[str, Any] = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "CalibStridedMinMax": stride,
-    }
-    if method == "percentile":
-        extra["CalibPercentile"] = float(percentile)
     note = None
     mixed: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="promptseg-int8-") as tmp:
@@ -360,29 +345,12 @@ def quantize_int8(
                 source = prepped
         if keep_first_last:  # names of the graph that is quantised (pre-processing renames)
             excluded += [n for n in _first_last_conv(source) if n not in excluded]
-        # Calibrate once; every further graph (the fallback's trials) reuses the ranges.
-        cache = Path(tmp) / "ranges.json"
-        cached = "calibration_cache_path" in inspect.signature(quantize_static).parameters
-
-        def build(only: Sequence[str] | None, exclude: Sequence[str], dst: Path) -> Path:
-            quantize_static(
-                str(source),
-                str(dst),
-                CalibrationReader(calib, batch),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=calibrate_method,
-                op_types_to_quantize=list(quantized_ops) if quantized_ops else None,
-                nodes_to_quantize=list(only) if only else None,
-                nodes_to_exclude=list(exclude) or None,
-                extra_options=extra,
-                **({"calibration_cache_path": str(cache)} if cached else {}),
-            )
-            return dst
-
+        build = _static_builder(
+            source, calib, batch, Path(tmp) / "ranges.json",
+            per_channel=per_channel, reduce_range=reduce_range,
+            calibrate_method=calibrate_method, quantized_ops=quantized_ops,
+            extra=_extra_options(method, percentile, stride),
+        )  # fmt: skip
         if fallback_tolerance is not None:
             kept, mixed = _fallback(
                 build, fp32_onnx, source, Path(tmp), calib, calib_data, excluded,
@@ -398,9 +366,7 @@ def quantize_int8(
             onnx.checker.check_model(str(partial))
 
         atomic_write(out_path, write)
-    counts = count_qdq(out_path)
-    if counts["quantize_linear"] == 0 or counts["nodes_quantized"] == 0:
-        raise RuntimeError(f"{out_path}: quantize_static inserted no Q/DQ nodes into {fp32_onnx}")
+    counts = _checked_qdq_counts(out_path, fp32_onnx)
     return {
         "method": method,
         "format": "QDQ",
@@ -424,6 +390,78 @@ def quantize_int8(
         "output": str(out_path),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _quantized_op_types(op_types: str | Sequence[str]) -> tuple[str, ...] | None:
+    """The op types to quantise: a named group of :data:`OP_TYPES` (None: all) or a list."""
+    if not isinstance(op_types, str):
+        return tuple(op_types)
+    if op_types not in OP_TYPES:
+        raise ValueError(f"unknown op_types {op_types!r}; valid: {', '.join(OP_TYPES)} or a list")
+    return OP_TYPES[op_types]
+
+
+def _extra_options(method: str, percentile: float, stride: int) -> dict[str, Any]:
+    """``quantize_static`` extra options: symmetric ranges, strided calibration, percentile."""
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "CalibStridedMinMax": stride,
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = float(percentile)
+    return extra
+
+
+def _static_builder(
+    source: Path,
+    calib: CalibrationSet,
+    batch: int,
+    cache: Path,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    calibrate_method: Any,
+    quantized_ops: Sequence[str] | None,
+    extra: dict[str, Any],
+) -> Callable[[Sequence[str] | None, Sequence[str], Path], Path]:
+    """``build(only, exclude, dst)``: one Q/DQ graph of ``source`` calibrated on ``calib``.
+
+    The ranges are calibrated once (cached in ``cache`` where ONNX Runtime supports it);
+    every further graph (the fallback's trials) reuses them.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    cached = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+    def build(only: Sequence[str] | None, exclude: Sequence[str], dst: Path) -> Path:
+        quantize_static(
+            str(source),
+            str(dst),
+            CalibrationReader(calib, batch),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrate_method,
+            op_types_to_quantize=list(quantized_ops) if quantized_ops else None,
+            nodes_to_quantize=list(only) if only else None,
+            nodes_to_exclude=list(exclude) or None,
+            extra_options=extra,
+            **({"calibration_cache_path": str(cache)} if cached else {}),
+        )
+        return dst
+
+    return build
+
+
+def _checked_qdq_counts(out_path: Path, fp32_onnx: Path) -> dict[str, Any]:
+    """:func:`count_qdq` of the written graph; an error when nothing was quantised."""
+    counts = count_qdq(out_path)
+    if counts["quantize_linear"] == 0 or counts["nodes_quantized"] == 0:
+        raise RuntimeError(f"{out_path}: quantize_static inserted no Q/DQ nodes into {fp32_onnx}")
+    return counts
 
 
 def modelopt_quantize(

@@ -375,78 +375,24 @@ def draw(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
-    if not masks:
-        raise InputError("MASK", "no mask to draw")
-    if len(masks) > MAX_LABELS:
-        raise InputError("MASK", f"{len(masks)} masks; at most {MAX_LABELS} can be drawn")
-    for m in masks:
-        if m.data.shape != volume.data.shape:
-            raise InputError(
-                m.name, f"mask shape {m.data.shape} does not match the volume's {volume.data.shape}"
-            )
+    _check_masks(volume, masks)
     from promptseg.runtime.orientation import orientation_known
 
     oriented = orientation_known(volume)
     image, data, spacing, ornt = _to_ras(volume, masks)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
     colours = _colours(len(masks))
     counts = [int(d.sum()) for d in data]
     empty = [m.name for m, c in zip(masks, counts) if c == 0]
-    budget = FACE_BUDGET // max(1, sum(c > 0 for c in counts))
-    surfaces = [_surface(d, spacing, budget) if c else None for d, c in zip(data, counts)]
-    if any(s is not None for s in surfaces):
-        pts = np.concatenate([s[0].reshape(-1, 3) for s in surfaces if s is not None])
-        lo, hi = pts.min(0), pts.max(0)
-    else:
-        lo, hi = np.zeros(3), np.array(image.shape) * spacing
+    surfaces, lo, hi = _surfaces(data, counts, spacing, image.shape)
 
     fig = plt.figure(figsize=FIG_SIZE, dpi=DPI)
     grid = fig.add_gridspec(1, 3, left=0.01, right=0.99, bottom=0.13, top=0.88, wspace=0.04)
-    for col, (view, elev, azim, letters) in enumerate(VIEWS):
-        ax = fig.add_subplot(grid[0, col], projection="3d")
-        if not oriented:
-            view, letters = f"{view} of the array axes (orientation unknown)", ""
-        _draw_3d(ax, surfaces, colours, view, elev, azim, lo, hi, letters)
-        if all(s is None for s in surfaces):
-            ax.text2D(
-                0.5, 0.5, "empty mask: no labelled voxels", transform=ax.transAxes,
-                ha="center", va="center", fontsize=12, color="firebrick",
-            )  # fmt: skip
-    k, plane, planes = _axial(image, data, oriented)
-    # The same slice in the file's own indexing (the file axis that became S, maybe flipped).
-    file_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
-    k_file = image.shape[2] - 1 - k if ornt[file_axis, 1] < 0 else k
-    ax = fig.add_subplot(grid[0, 2])
-    vmin, vmax = (float(v) for v in np.percentile(image, [1, 99.5]))
-    aspect = spacing[1] / spacing[0]
-    ax.imshow(plane, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), aspect=aspect)
-    for p, colour in zip(planes, colours):
-        if p.any():
-            rgba = np.zeros((*p.shape, 4))
-            rgba[p] = (*colour, 0.4)
-            ax.imshow(rgba, aspect=aspect, interpolation="nearest")
-            ax.contour(p.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
-    ax.set_axis_off()
-    note = "" if any(counts) else " - empty mask"
-    where = f"slice {k_file} of {image.shape[2]} along file axis {file_axis}"
-    ax.set_title(f"axial {where} (largest labelled area){note}", fontsize=10)
-    if oriented:
-        for (x, y), letter in zip(((0.03, 0.5), (0.97, 0.5), (0.5, 0.97), (0.5, 0.03)), "RLAP"):
-            ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=11,
-                    fontweight="bold", ha="center", va="center")  # fmt: skip
-    labels = []
-    handles = []
-    for m, c, colour in zip(masks, counts, colours):
-        ml = c * voxel_ml
-        labels.append({"name": m.name, "voxels": c, "volume_ml": round(ml, 3)})
-        text = f"{m.name}: {ml:.1f} ml" if c else f"{m.name}: empty"
-        handles.append(Patch(facecolor=colour, edgecolor="black", label=text))
-    fig.legend(
-        handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=10,
-        frameon=False, bbox_to_anchor=(0.5, 0.01),
-    )  # fmt: skip
+    _draw_views(fig, grid, surfaces, colours, lo, hi, oriented)
+    k_file, file_axis = _draw_axial_panel(
+        fig.add_subplot(grid[0, 2]), image, data, spacing, ornt, colours, oriented
+    )
+    labels = _legend(fig, masks, counts, colours, float(np.prod(spacing)) / 1000.0)
     sx, sy, sz = spacing
     fig.suptitle(
         f"{title or Path(volume.source).name}   "
@@ -471,6 +417,115 @@ def draw(
         "labels": labels,
         "empty": empty,
     }
+
+
+def _check_masks(volume: Volume, masks: list[Mask]) -> None:
+    """At least one and at most :data:`MAX_LABELS` masks, each on the volume's grid."""
+    if not masks:
+        raise InputError("MASK", "no mask to draw")
+    if len(masks) > MAX_LABELS:
+        raise InputError("MASK", f"{len(masks)} masks; at most {MAX_LABELS} can be drawn")
+    for m in masks:
+        if m.data.shape != volume.data.shape:
+            raise InputError(
+                m.name, f"mask shape {m.data.shape} does not match the volume's {volume.data.shape}"
+            )
+
+
+def _surfaces(
+    data: list[np.ndarray], counts: list[int], spacing: np.ndarray, shape: tuple[int, ...]
+) -> tuple[list[tuple[np.ndarray, np.ndarray] | None], np.ndarray, np.ndarray]:
+    """Surface meshes of the non-empty masks (X, Y, Z) and the bounds (mm) the views share."""
+    budget = FACE_BUDGET // max(1, sum(c > 0 for c in counts))
+    surfaces = [_surface(d, spacing, budget) if c else None for d, c in zip(data, counts)]
+    if any(s is not None for s in surfaces):
+        pts = np.concatenate([s[0].reshape(-1, 3) for s in surfaces if s is not None])
+        return surfaces, pts.min(0), pts.max(0)
+    return surfaces, np.zeros(3), np.array(shape) * spacing
+
+
+def _draw_views(
+    fig: Any,
+    grid: Any,
+    surfaces: list[tuple[np.ndarray, np.ndarray] | None],
+    colours: list[tuple[float, float, float]],
+    lo: np.ndarray,
+    hi: np.ndarray,
+    oriented: bool,
+) -> None:
+    """The two 3-D views of :data:`VIEWS` in the first two columns of ``grid``."""
+    for col, (view, elev, azim, letters) in enumerate(VIEWS):
+        ax = fig.add_subplot(grid[0, col], projection="3d")
+        if not oriented:
+            view, letters = f"{view} of the array axes (orientation unknown)", ""
+        _draw_3d(ax, surfaces, colours, view, elev, azim, lo, hi, letters)
+        if all(s is None for s in surfaces):
+            ax.text2D(
+                0.5, 0.5, "empty mask: no labelled voxels", transform=ax.transAxes,
+                ha="center", va="center", fontsize=12, color="firebrick",
+            )  # fmt: skip
+
+
+def _draw_axial_panel(
+    ax: Any,
+    image: np.ndarray,
+    data: list[np.ndarray],
+    spacing: np.ndarray,
+    ornt: np.ndarray,
+    colours: list[tuple[float, float, float]],
+    oriented: bool,
+) -> tuple[int, int]:
+    """The axial slice with the largest labelled area, masks overlaid.
+
+    Returns:
+        The slice index and the axis in the file's own indexing (the file axis that became
+        superior, maybe flipped).
+    """
+    k, plane, planes = _axial(image, data, oriented)
+    file_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    k_file = image.shape[2] - 1 - k if ornt[file_axis, 1] < 0 else k
+    vmin, vmax = (float(v) for v in np.percentile(image, [1, 99.5]))
+    aspect = spacing[1] / spacing[0]
+    ax.imshow(plane, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), aspect=aspect)
+    for p, colour in zip(planes, colours):
+        if p.any():
+            rgba = np.zeros((*p.shape, 4))
+            rgba[p] = (*colour, 0.4)
+            ax.imshow(rgba, aspect=aspect, interpolation="nearest")
+            ax.contour(p.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
+    ax.set_axis_off()
+    note = "" if any(d.any() for d in data) else " - empty mask"
+    where = f"slice {k_file} of {image.shape[2]} along file axis {file_axis}"
+    ax.set_title(f"axial {where} (largest labelled area){note}", fontsize=10)
+    if oriented:
+        for (x, y), letter in zip(((0.03, 0.5), (0.97, 0.5), (0.5, 0.97), (0.5, 0.03)), "RLAP"):
+            ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=11,
+                    fontweight="bold", ha="center", va="center")  # fmt: skip
+    return k_file, file_axis
+
+
+def _legend(
+    fig: Any,
+    masks: list[Mask],
+    counts: list[int],
+    colours: list[tuple[float, float, float]],
+    voxel_ml: float,
+) -> list[dict[str, Any]]:
+    """The legend (name and volume per mask); returns the ``labels`` entries of :func:`draw`."""
+    from matplotlib.patches import Patch
+
+    labels = []
+    handles = []
+    for m, c, colour in zip(masks, counts, colours):
+        ml = c * voxel_ml
+        labels.append({"name": m.name, "voxels": c, "volume_ml": round(ml, 3)})
+        text = f"{m.name}: {ml:.1f} ml" if c else f"{m.name}: empty"
+        handles.append(Patch(facecolor=colour, edgecolor="black", label=text))
+    fig.legend(
+        handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=10,
+        frameon=False, bbox_to_anchor=(0.5, 0.01),
+    )  # fmt: skip
+    return labels
 
 
 def check_output(out: PathLike, inputs: Sequence[PathLike] = ()) -> Path:
