@@ -201,7 +201,10 @@ def test_image_graph_io_metadata_and_no_batchnorm(exported, loaded, fname):
         ("image", f32, ["batch", 1, r, r]),
         ("film", f32, ["batch", p]),
     ]
-    assert sig(model.graph.output) == [("logits", f32, ["batch", 1, r, r])]
+    assert sig(model.graph.output) == [
+        ("logits", f32, ["batch", 1, r, r]),
+        ("presence", f32, ["batch", 1]),
+    ]
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     meta = {e.key: e.value for e in model.metadata_props}
     assert meta["promptseg.vocabulary_sha256"] == loaded.vocabulary.sha256()
@@ -222,20 +225,29 @@ def test_onnx_runtime_matches_torch_across_batches_and_prompts(exported, loaded,
     for prompt in PARITY_PROMPTS:
         film = cache.film[cache.index(prompt)]
         with torch.no_grad():
-            ref = unet(
-                torch.from_numpy(slices), torch.from_numpy(np.repeat(film[None], len(slices), 0))
-            ).numpy()
+            ref, ref_presence = (
+                t.numpy()
+                for t in unet(
+                    torch.from_numpy(slices),
+                    torch.from_numpy(np.repeat(film[None], len(slices), 0)),
+                )
+            )
         for batch in (1, 2, 5):
-            got32, got16 = [], []
+            got32, got16, presence32 = [], [], []
             for i in range(0, len(slices), batch):
                 feed = {
                     "image": slices[i : i + batch],
                     "film": np.repeat(film[None], len(slices[i : i + batch]), 0),
                 }
-                got32.append(fp32.run(["logits"], feed)[0])
+                logits, presence = fp32.run(["logits", "presence"], feed)
+                got32.append(logits)
+                presence32.append(presence)
                 got16.append(fp16.run(["logits"], feed)[0])
             got32, got16 = np.concatenate(got32), np.concatenate(got16)
             assert got32.dtype == got16.dtype == np.float32
+            presence32 = np.concatenate(presence32)
+            assert presence32.shape == ref_presence.shape == (len(slices), 1)
+            assert np.max(np.abs(presence32 - ref_presence)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got32 - ref)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got16 - ref)) < 5e-2, (prompt, batch)
             a, b = got16 > 0, ref > 0
