@@ -63,8 +63,8 @@ def test_train_bad_dataset_name_in_a_config_file(tmp_path):
 @pytest.mark.parametrize(
     ("name", "text"),
     [
-        ("run.json", '{"epochs": 1, "learning_rate": 0.1}\n'),
-        ("run.yaml", "epochs: 1\nlearning_rate: 0.1\n"),
+        ("run.json", '{"total_samples": 64, "learning_rate": 0.1}\n'),
+        ("run.yaml", "total_samples: 64\nlearning_rate: 0.1\n"),
     ],
 )
 def test_train_config_unknown_key(tmp_path, name, text):
@@ -95,9 +95,9 @@ def test_no_subcommand_is_a_usage_error():
 @pytest.mark.parametrize(
     ("name", "text"),
     [
-        ("broken.json", '{"epochs": 1,,}\n'),
-        ("broken.yaml", "epochs: [1\n"),
-        ("typed.json", '{"epochs": "three"}\n'),
+        ("broken.json", '{"total_samples": 64,,}\n'),
+        ("broken.yaml", "total_samples: [1\n"),
+        ("typed.json", '{"total_samples": "three"}\n'),
     ],
 )
 def test_train_malformed_config_names_the_file(tmp_path, name, text):
@@ -228,7 +228,8 @@ def test_evaluate_missing_data_folder_creates_nothing(tmp_path):
         ({"lr": True}, "lr"),
         ({"weight_decay": False}, "weight_decay"),
         ({"neg_ratio": True}, "neg_ratio"),
-        ({"epochs": True}, "epochs"),
+        ({"total_samples": True}, "total_samples"),
+        ({"epochs": 3}, "epochs"),  # a key of the epoch-based schedule: unknown now
         ({"datasets": "chaos-mr"}, "datasets"),
         ({"threads": 0}, "threads"),
     ],
@@ -242,7 +243,9 @@ def test_train_config_wrong_type_or_value_names_the_key(tmp_path, values, key):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("option", ["--threads", "--epochs", "--batch"])
+@pytest.mark.parametrize(
+    "option", ["--threads", "--total-samples", "--batch", "--eval-every-samples"]
+)
 def test_train_non_positive_numbers_on_the_command_line(tmp_path, option):
     result = run_promptseg("train", option, "0", "--out", str(tmp_path / "run"))
     _one_line_exit_2(result, "promptseg train: error:", option, "integer >= 1")
