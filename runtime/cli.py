@@ -199,6 +199,8 @@ def _run_on_server(args: dict, server: str, log: Callable[[str], None]) -> int:
         volume=args["volume"],
         series=args["series"],
         postprocess=args["postprocess"],
+        presence_threshold=args["presence_threshold"],
+        presence_gate=args["presence_gate"],
         output_format=args["output_format"],
         log=log,
     )
