@@ -49,7 +49,8 @@ def fitted_checkpoint(tmp_path_factory, tiny_checkpoint, data_root) -> Path:
         chunk = [positives[i] for i in rng.choice(len(positives), 16, replace=False)]
         images = torch.from_numpy(bank.images[[s.image for s in chunk]])[:, None]
         masks = torch.from_numpy(bank.masks[[s.mask for s in chunk]])[:, None].float()
-        loss = loss_fn(model(images, torch.stack([emb[s.target] for s in chunk])), masks)
+        logits, _ = model(images, torch.stack([emb[s.target] for s in chunk]))  # mask, presence
+        loss = loss_fn(logits, masks)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -44,8 +44,9 @@ def _trained_looking_model(config, embed_dim: int, film_hidden: int) -> PromptSe
 
 @pytest.fixture
 def saved(tmp_path, text_encoder, vocab_embeddings):
-    """A non-default model (concat fusion, no CBAM, film_hidden 32) saved to a file."""
-    config = preset_config("tiny", fusion="concat", cbam=False, resolution=48)
+    """A non-default model (concat fusion, no CBAM, film_hidden 32, a presence head) saved to
+    a file."""
+    config = preset_config("tiny", fusion="concat", cbam=False, resolution=48, presence_hidden=8)
     model = _trained_looking_model(config, text_encoder.hidden_size, film_hidden=32)
     prompts = ["Segment the liver", "Segment the spleen", "glioma"]
     embeddings = {p: vocab_embeddings[p] for p in prompts}
@@ -69,7 +70,9 @@ def test_round_trip_gives_identical_outputs(saved, text_encoder):
     image = torch.rand(2, 1, 48, 48)
     emb = torch.stack([embeddings["Segment the liver"], embeddings["glioma"]])
     with torch.no_grad():
-        assert torch.equal(loaded.model(image, emb), model(image, emb))
+        got, want = loaded.model(image, emb), model(image, emb)  # (mask, presence) logits
+    assert len(got) == len(want) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
     state, original = loaded.model.state_dict(), model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in state)
@@ -114,7 +117,8 @@ def test_model_is_rebuilt_from_the_file_alone(saved):
         "x = torch.load(sys.argv[2])\n"
         "with torch.no_grad():\n"
         "    torch.save(ck.model(x['image'], x['emb']), sys.argv[3])\n"
-        "print(ck.config.fusion, ck.config.cbam, ck.model.film.hidden[0].out_features)\n"
+        "print(ck.config.fusion, ck.config.cbam, ck.model.film.hidden[0].out_features,\n"
+        "      ck.config.presence_hidden)\n"
     )
     result = subprocess.run(
         [
@@ -131,11 +135,13 @@ def test_model_is_rebuilt_from_the_file_alone(saved):
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["concat", "False", "32"]
+    assert result.stdout.split() == ["concat", "False", "32", "8"]
     x = torch.load(path.parent / "inputs.pt")
     with torch.no_grad():
-        expected = model(x["image"], x["emb"])
-    assert torch.equal(torch.load(path.parent / "out.pt"), expected)
+        expected = model(x["image"], x["emb"])  # (mask, presence) logits
+    got = torch.load(path.parent / "out.pt")
+    assert len(got) == len(expected) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_tiny_checkpoint_fixture_loads(tiny_checkpoint, vocab_embeddings):
