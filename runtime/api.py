@@ -33,7 +33,7 @@ from promptseg.runtime.io import (
     read_input,
 )
 from promptseg.runtime.manifest import EngineFolder
-from promptseg.runtime.pipeline import SegmentationResult, check_prompt_count
+from promptseg.runtime.pipeline import Options, SegmentationResult, check_prompt_count
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 from promptseg.runtime.segmenter import Segmenter, SegmenterResult
 from promptseg.runtime.writers import (
@@ -172,6 +172,7 @@ def run(
     presence_threshold: float | None = None,
     presence_gate: bool = True,
     output_format: str = "auto",
+    server: str | None = None,
 ) -> list[dict[str, Any]]:
     """Segment inputs for prompts and write masks (the API of ``promptseg-run``).
 
@@ -201,6 +202,10 @@ def run(
         presence_gate: False keeps every slice's mask whatever the presence output says.
         output_format: "nifti", "dicom-seg" (DICOM series inputs; one segment per prompt) or
             "auto" (DICOM SEG for one input with ``output`` ending in .dcm, else NIfTI/PNG).
+        server: HOST:PORT of a ``promptseg serve`` server (its HTTP port) that segments
+            instead of a local engine (:mod:`promptseg.runtime.remote`; needs
+            ``promptseg[serve]``); ``engine``, ``backend``, ``precision``, ``threads`` and
+            ``render`` are then refused.
 
     Returns:
         One summary dict per input (output, backend, precision, engine hash, seconds per stage,
@@ -212,6 +217,20 @@ def run(
     """
     say = log or (lambda line: None)
     paths, prompt_list = check_run_args(inputs, prompts, volume)
+    if server is not None:
+        from promptseg.runtime.remote import check_local_only, run_remote
+
+        check_local_only(
+            **{"--engine": engine, "--backend": None if backend == "auto" else backend},
+            **{"--precision": precision, "--threads": threads, "--render": render},
+        )
+        options = Options(
+            batch, threshold, modality, postprocess, presence_threshold, presence_gate
+        ).check()
+        return run_remote(
+            paths, prompt_list, server, output, options, json_path, volume, series,
+            output_format, say,
+        )  # fmt: skip
     t_start = time.perf_counter()
     seg = Segmenter(
         engine,

@@ -10,7 +10,8 @@ prompt or a bad input leaves nothing behind. Needs ``pip install 'promptseg[serv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,6 @@ import numpy as np
 from promptseg.runtime import dicom_seg
 from promptseg.runtime.api import (
     EngineFacts,
-    check_run_args,
     check_sidecars,
     each_image,
     plan_run,
@@ -149,40 +149,29 @@ def check_local_only(**given: Any) -> None:
 
 
 def run_remote(
-    inputs: Sequence[PathLike] | PathLike,
-    prompts: Sequence[str] | str,
+    paths: list[Path],
+    prompts: list[str],
     server: str,
-    output: PathLike | None = None,
-    *,
-    batch: int = 16,
-    threshold: float = 0.5,
-    modality: str = "auto",
-    json_path: PathLike | None = None,
-    volume: int | None = None,
-    series: str | None = None,
-    postprocess: str = "largest",
-    presence_threshold: float | None = None,
-    presence_gate: bool = True,
-    output_format: str = "auto",
-    log: Callable[[str], None] | None = None,
+    output: PathLike | None,
+    options: Options,
+    json_path: PathLike | None,
+    volume: int | None,
+    series: str | None,
+    output_format: str,
+    say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Segment inputs on a ``promptseg serve`` server and write what a local run writes.
-
-    Args mirror :func:`promptseg.runtime.api.run`; ``server`` is the server's HTTP HOST:PORT.
+    """:func:`promptseg.runtime.api.run` with ``server``: the same outputs, segmented on a
+    ``promptseg serve`` server (inputs and prompts as :func:`~promptseg.runtime.api.check_run_args`
+    gives them, options checked).
 
     Returns:
         One summary dict per input (as a local run's, with ``server``, the server's engine and
         ``seconds.round_trip``).
 
     Raises:
-        InputError: Bad input, option or output path, an unreachable server, or a request the
-            server refused (its one-line message).
+        InputError: Bad input or output path, an unreachable server, or a request the server
+            refused (its one-line message).
     """
-    say = log or (lambda line: None)
-    paths, prompt_list = check_run_args(inputs, prompts, volume)
-    options = Options(
-        batch, threshold, modality, postprocess, presence_threshold, presence_gate
-    ).check()
     kinds = [input_kind(p) for p in paths]
     dicom = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
     outputs = plan_run(paths, output, kinds, json_path, dicom)
@@ -193,7 +182,7 @@ def run_remote(
         for i, image, notes, t_read in each_image(paths, loaded, volume, series):
             t = time.perf_counter()  # every answer before the first write: nothing partial
             sent = request_options(image, str(paths[i]), options)
-            answer = client.segment(encode_request(image, prompt_list, sent))
+            answer = client.segment(encode_request(image, prompts, sent))
             labels, summary = decode_response(answer, image)
             done = _answer(image, notes, labels, summary)
             answers.append((done, summary, t_read, time.perf_counter() - t))
