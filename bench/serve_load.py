@@ -9,9 +9,10 @@ Steps:
 3. ``promptseg serve`` starts on free loopback ports (startup time recorded).
 4. ``--clients`` threads each send every volume (in their own order) to the server's
    ``promptseg`` model; each answer is compared voxel for voxel with the local label map.
-5. Faults: a ``promptseg-run --server`` client is killed mid-request; the server must stay
-   ready and answer one more request correctly.
-6. The slice model's Triton metrics give the mean batch size the dynamic batcher formed.
+5. The slice model's Triton metrics give the mean batch size the dynamic batcher formed.
+6. Faults: a ``promptseg-run --server`` client (one slice per slice request) is killed once
+   the server has answered its first slice request; the server must stay ready and answer
+   one more request correctly.
 
 Prints a JSON report (throughput in volumes/s and slices/s, latency p50/p95/p99 in ms, the
 number of mismatched or failed answers, the fault check); ``--json FILE`` also writes it.
@@ -112,9 +113,9 @@ def load(
 ) -> dict[str, Any]:
     """``clients`` threads, each sending every volume once (rotated order); all checked."""
     from promptseg.runtime.io import read_input
-    from promptseg.runtime.pipeline import choose_modality
+    from promptseg.runtime.pipeline import Options
     from promptseg.runtime.remote import ServerClient
-    from promptseg.runtime.serve_protocol import decode_response, encode_request
+    from promptseg.runtime.serve_protocol import decode_response, encode_request, request_options
 
     images = {p: read_input(p)[0] for p in paths}
     latencies: list[float] = []
@@ -127,7 +128,7 @@ def load(
             for i in range(len(paths)):
                 path = paths[(i + k) % len(paths)]
                 image = images[path]
-                options = {"source": str(path), "modality": choose_modality(image)}
+                options = request_options(image, str(path), Options())  # promptseg-run's
                 t = time.perf_counter()
                 try:
                     answer = conn.segment(encode_request(image, prompts, options))
@@ -155,19 +156,20 @@ def load(
 
 
 def fault_check(url: str, server: Any, path: Path, prompts: list[str], work: Path) -> dict:
-    """Kill a ``promptseg-run --server`` client mid-request (on the whole ``--input`` volume);
-    the server must stay ready and answer the next request."""
+    """Kill a ``promptseg-run --server`` client (on the whole ``--input`` volume, one slice per
+    slice request) once the server has answered its first slice request; the server must stay
+    ready and answer the next request."""
     base = [*_cli("promptseg-run"), str(path), "--server", url]
     base += [a for p in prompts for a in ("--prompt", p)]
-    job = subprocess.Popen(
-        [*base, "-o", str(work / "killed.nii.gz")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(2.0)  # started, read the volume, sent it: the server is working on it
-    killed_mid_request = job.poll() is None
-    job.kill()
-    job.wait(60)
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
+            [*base, "--batch", "1", "-o", str(work / "killed.nii.gz")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    killed_mid_request = server.kill_mid_request(start, "promptseg_slices")
     after = subprocess.run([*base, "-o", str(work / "after.nii.gz")], capture_output=True)
     return {
         "killed_mid_request": killed_mid_request,
@@ -177,15 +179,10 @@ def fault_check(url: str, server: Any, path: Path, prompts: list[str], work: Pat
     }
 
 
-def batch_stats(metrics: str) -> dict[str, float]:
+def batch_stats(server: Any) -> dict[str, float]:
     """Requests, executions and mean batch (requests per execution) of the slice model."""
-    found: dict[str, float] = {}
-    for line in metrics.splitlines():
-        for key in ("nv_inference_request_success", "nv_inference_exec_count"):
-            if line.startswith(key + '{model="promptseg_slices"'):
-                found[key] = float(line.rsplit(" ", 1)[1])
-    requests = found.get("nv_inference_request_success", 0.0)
-    execs = found.get("nv_inference_exec_count", 0.0)
+    requests = server.model_metric("nv_inference_request_success", "promptseg_slices")
+    execs = server.model_metric("nv_inference_exec_count", "promptseg_slices")
     return {
         "slice_requests": requests,
         "slice_executions": execs,
@@ -223,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         server = ServerProcess(work / "server.log", *extra)
         try:
             served = load(server.url, paths, prompts, reference, args.clients)
+            batching = batch_stats(server)  # the load alone, before the fault check
             faults = fault_check(server.url, server, args.input, prompts, work)
-            batching = batch_stats(server.metrics_text())
         finally:
             code = server.stop()
     volumes = args.clients * args.volumes

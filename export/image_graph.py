@@ -91,6 +91,7 @@ def export_unet(unet: Any, *, resolution: int, film_dim: int, opset: int) -> tup
     model = fold_batchnorm(model)
     assert_no_batchnorm(model)
     rewrite_attention(model)
+    pin_symbolic_dims(model, resolution)
     check_io(model, resolution, film_dim)
     return model, exporter
 
@@ -593,6 +594,25 @@ def io_signature(model: Any) -> tuple[list[dict], list[dict]]:
         return out
 
     return describe(model.graph.input), describe(model.graph.output)
+
+
+def pin_symbolic_dims(model: Any, resolution: int) -> None:
+    """Declare the contract's fixed output sizes where the exporter left a symbolic dimension.
+
+    A UNet without a presence head fills its presence output with a constant of shape
+    (N, 1) built from the batch size at run time; the TorchScript exporter declares that
+    output as ``[batch, <symbol>]``. Only symbolic dimensions are replaced: a fixed size that
+    disagrees with the contract stays and :func:`check_io` reports it.
+    """
+    fixed = {"logits": [None, 1, resolution, resolution], "presence": [None, 1]}
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        want = fixed.get(value.name)
+        if want is None or len(dims) != len(want):
+            continue
+        for dim, size in zip(dims, want):
+            if size is not None and dim.dim_param and dim.dim_param != BATCH_AXIS:
+                dim.dim_value = size  # setting the value clears the dim_param (a oneof)
 
 
 def check_io(model: Any, resolution: int, film_dim: int) -> None:

@@ -9,12 +9,12 @@ checkpoint (``presence_thresholds``) and from there into every exported manifest
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from promptseg.prompts import TARGETS
+from promptseg.runtime.writers import atomic_write, write_figure_atomic, write_json_atomic
 
 DEFAULT_TAU = 0.5
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
@@ -83,10 +83,10 @@ def plot_calibration(prob: np.ndarray, state: np.ndarray, chosen: dict, path: Pa
     ax.set(xlabel="predicted presence", ylabel="observed frequency", title="reliability (tune)")
     fig.suptitle("presence probability on the tune split")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_figure_atomic(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def calibrate_checkpoint(
@@ -118,15 +118,8 @@ def calibrate_checkpoint(
     }
     blob = read_checkpoint_blob(path)
     blob["presence_thresholds"] = {t: chosen[t]["tau"] for t in TARGETS}
-    tmp = path.with_name(f".{path.name}.calib.tmp")
-    try:
-        torch.save(blob, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
     out.mkdir(parents=True, exist_ok=True)
-    tmp_json = out / ".presence_calibration.json.tmp"
-    tmp_json.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_json.replace(out / "presence_calibration.json")
+    write_json_atomic(report, out / "presence_calibration.json")
     plot_calibration(pairs["prob"], bank.state, chosen, out / "presence_calibration.png")
     return report

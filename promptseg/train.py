@@ -38,7 +38,7 @@ from promptseg.model.text import DEFAULT_ENCODER, TextEncoder
 from promptseg.model.unet import PromptSegModel, UNetConfig, preset_config
 from promptseg.preprocess import Preprocessing
 from promptseg.prompts import TARGETS, PromptVocabulary
-from promptseg.runtime.writers import write_figure_atomic
+from promptseg.runtime.writers import atomic_write, write_figure_atomic, write_json_atomic
 from promptseg.validation import deployed_metrics
 
 # Geometric policy per dataset: brain images may flip freely; the LiTS crop's orientation is
@@ -341,18 +341,11 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_json_atomic(obj, path, default=str)
 
 
 def _load_state(last_path: Path, cfg: TrainConfig) -> dict:

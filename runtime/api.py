@@ -10,9 +10,9 @@ atomically.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,14 @@ from promptseg.runtime.io import (
     read_input,
 )
 from promptseg.runtime.manifest import EngineFolder
-from promptseg.runtime.pipeline import SegmentationResult
+from promptseg.runtime.pipeline import Options, SegmentationResult, check_prompt_count
 from promptseg.runtime.prompt_resolver import PromptResolver, ResolvedPrompt
 from promptseg.runtime.segmenter import Segmenter, SegmenterResult
-from promptseg.runtime.writers import atomic_write, write_png_atomic, write_text_atomic
+from promptseg.runtime.writers import (
+    atomic_write,
+    write_json_atomic,
+    write_png_atomic,
+)
 
 _CACHE_BYTES = 1 << 30  # keep validated inputs in memory up to this size, re-read the rest
 
@@ -55,22 +59,95 @@ def _write_mask(done: SegmenterResult, out: Path) -> None:
     atomic_write(out, lambda tmp: nib.save(img, str(tmp)))
 
 
-def _sidecar(result: SegmentationResult, inp: Path, out: Path, folder: EngineFolder) -> str:
+@dataclass(frozen=True)
+class EngineFacts:
+    """The engine as summaries and label sidecars name it: a local one or a server's.
+
+    Attributes:
+        path: The engine folder.
+        manifest_sha256: SHA-256 of its manifest.
+        backend, precision, providers: As :meth:`Engine.describe` gives them.
+        notes: The backend selection notes.
+    """
+
+    path: str
+    manifest_sha256: str
+    backend: str
+    precision: str
+    providers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, engine: Engine, folder: EngineFolder) -> EngineFacts:
+        """The facts of an opened engine and its folder."""
+        info = engine.describe()
+        return cls(
+            str(folder.path),
+            folder.manifest_sha256,
+            info["backend"],
+            info["precision"],
+            list(info["providers"]),
+            list(info["notes"]),
+        )
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> EngineFacts:
+        """The facts in a summary written by :func:`result_summary` (a server's answer)."""
+        return cls(
+            summary["engine"]["path"],
+            summary["engine"]["manifest_sha256"],
+            summary["backend"],
+            summary["precision"],
+            list(summary["providers"]),
+            list(summary.get("backend_notes", [])),
+        )
+
+
+def result_summary(result: SegmentationResult, facts: EngineFacts) -> dict[str, Any]:
+    """What a run says about one segmentation: modality, orientation, engine, per prompt."""
+    return {
+        "modality": result.modality,
+        "orientation": None if result.reorientation is None else result.reorientation.input_axcodes,
+        "backend": facts.backend,
+        "precision": facts.precision,
+        "providers": list(facts.providers),
+        "engine": {"path": facts.path, "manifest_sha256": facts.manifest_sha256},
+        "promptseg_version": promptseg.__version__,
+        "prompts": result.stats,
+    }
+
+
+def _sidecar(result: SegmentationResult, inp: Path, out: Path, facts: EngineFacts) -> dict:
     labels = {str(s["label"]): {"prompt": s["prompt"], "target": s["target"]} for s in result.stats}
-    doc = {
+    return {
         "format": "promptseg-labels",
         "version": 1,
         "input": str(inp),
         "mask": str(out),
         "background": 0,
         "labels": labels,
-        "engine_manifest_sha256": folder.manifest_sha256,
+        "engine_manifest_sha256": facts.manifest_sha256,
     }
-    return json.dumps(doc, indent=2) + "\n"
 
 
-def _shape(image: Volume | Image2D) -> list[int]:
-    return [int(s) for s in image.data.shape]
+def check_run_args(
+    inputs: Sequence[PathLike] | PathLike, prompts: Sequence[str] | str, volume: int | None
+) -> tuple[list[Path], list[str]]:
+    """The inputs and prompts of a run as lists, with the checks that need no engine.
+
+    Raises:
+        InputError: No input, no prompt (or more than 255), a negative ``volume``.
+    """
+    paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not paths:
+        raise InputError(
+            "INPUT", "no input given; expected NIfTI files, DICOM folders or 2-D images"
+        )
+    check_prompt_count(len(prompt_list))
+    if volume is not None and int(volume) < 0:
+        raise InputError("--volume", f"must be 0 or more, got {volume}")
+    return paths, prompt_list
 
 
 def run(
@@ -95,6 +172,7 @@ def run(
     presence_threshold: float | None = None,
     presence_gate: bool = True,
     output_format: str = "auto",
+    server: str | None = None,
 ) -> list[dict[str, Any]]:
     """Segment inputs for prompts and write masks (the API of ``promptseg-run``).
 
@@ -124,6 +202,10 @@ def run(
         presence_gate: False keeps every slice's mask whatever the presence output says.
         output_format: "nifti", "dicom-seg" (DICOM series inputs; one segment per prompt) or
             "auto" (DICOM SEG for one input with ``output`` ending in .dcm, else NIfTI/PNG).
+        server: HOST:PORT of a ``promptseg serve`` server (its HTTP port) that segments
+            instead of a local engine (:mod:`promptseg.runtime.remote`; needs
+            ``promptseg[serve]``); ``engine``, ``backend``, ``precision``, ``threads`` and
+            ``render`` are then refused.
 
     Returns:
         One summary dict per input (output, backend, precision, engine hash, seconds per stage,
@@ -134,14 +216,21 @@ def run(
         InputError: Any bad input, option, engine folder or prompt (one line naming it).
     """
     say = log or (lambda line: None)
-    paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not paths:
-        raise InputError(
-            "INPUT", "no input given; expected NIfTI files, DICOM folders or 2-D images"
+    paths, prompt_list = check_run_args(inputs, prompts, volume)
+    if server is not None:
+        from promptseg.runtime.remote import check_local_only, run_remote
+
+        check_local_only(
+            **{"--engine": engine, "--backend": None if backend == "auto" else backend},
+            **{"--precision": precision, "--threads": threads, "--render": render},
         )
-    if volume is not None and int(volume) < 0:
-        raise InputError("--volume", f"must be 0 or more, got {volume}")
+        options = Options(
+            batch, threshold, modality, postprocess, presence_threshold, presence_gate
+        ).check()
+        return run_remote(
+            paths, prompt_list, server, output, options, json_path, volume, series,
+            output_format, say,
+        )  # fmt: skip
     t_start = time.perf_counter()
     seg = Segmenter(
         engine,
@@ -156,65 +245,68 @@ def run(
         presence_gate=presence_gate,
         load=False,
     )
-    folder = seg.folder
     resolved = seg.resolve(prompt_list)
     kinds = [input_kind(p) for p in paths]
     dicom = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
-    outputs = _plan(paths, output, kinds, json_path, render, len(resolved), dicom)
-    loaded = _read_all(paths, volume, series)
+    outputs = plan_run(paths, output, kinds, json_path, dicom)
+    check_sidecars(outputs, paths, len(resolved), dicom)
+    if render is not None:
+        _check_render(Path(render), paths, kinds, outputs, json_path, len(resolved))
+    loaded = read_inputs(paths, volume, series)
     setup = time.perf_counter() - t_start
     summaries: list[dict[str, Any]] = []
     with seg:
         eng = seg.load()
+        facts = EngineFacts.of(eng, seg.folder)
         say(f"backend: {eng.backend} ({eng.precision}; {', '.join(eng.providers)})")
-        for i, (inp, out) in enumerate(zip(paths, outputs)):
-            if i in loaded:
-                image, notes, t_read = loaded.pop(i)
-            else:
-                t = time.perf_counter()
-                image, notes = read_input(inp, volume_index=volume, series_uid=series)
-                t_read = time.perf_counter() - t
+        for i, image, notes, t_read in each_image(paths, loaded, volume, series):
             done = seg(image, resolved, progress=progress)
             done.warnings[:0] = notes
-            summary = _write_one(done, inp, out, eng, folder, render, t_read, say, dicom)
+            summary = write_result(done, paths[i], outputs[i], facts, t_read, say, dicom, render)
             if i == 0:
                 summary["seconds"]["setup"] = round(setup, 4)
             summaries.append(summary)
     if json_path is not None:
-        write_text_atomic(json.dumps({"results": summaries}, indent=2) + "\n", json_path)
+        write_json_atomic({"results": summaries}, json_path)
     return summaries
 
 
-def _plan(
+def plan_run(
     paths: list[Path],
     output: PathLike | None,
     kinds: list[str],
     json_path: PathLike | None,
-    render: PathLike | None,
-    n_labels: int,
     dicom: bool = False,
 ) -> list[Path]:
-    """Every output path, checked before anything is read or written."""
-    if dicom:  # a SEG names its segments itself: no sidecar
+    """Every output path (masks or DICOM SEGs, the JSON summary), checked before anything is
+    read or written."""
+    if dicom:
         outputs = dicom_seg.plan_seg_outputs(paths, output, kinds)
     else:
         outputs = plan_outputs(paths, output, kinds)
+    if json_path is not None:
+        check_output(Path(json_path), paths, False, what="JSON summary")
+    return outputs
+
+
+def check_sidecars(outputs: list[Path], paths: list[Path], n_labels: int, dicom: bool) -> None:
+    """Check the labels sidecar paths a run with ``n_labels`` labels writes (a DICOM SEG names
+    its segments itself: none)."""
     if n_labels > 1 and not dicom:
         for out in outputs:
             if out.parent.exists():
                 check_output(labels_sidecar(out), paths, False, what="labels sidecar")
-    if json_path is not None:
-        check_output(Path(json_path), paths, False, what="JSON summary")
-    if render is not None:
-        _check_render(Path(render), paths, kinds, outputs, json_path, n_labels)
-    return outputs
 
 
-def _read_all(
+def read_inputs(
     paths: list[Path], volume: int | None, series: str | None
 ) -> dict[int, tuple[Volume | Image2D, list[str], float]]:
     """Read every input completely before the first inference (no partial outputs); keep
-    those that fit in memory (``_CACHE_BYTES``), re-read the rest later."""
+    those that fit in memory (``_CACHE_BYTES``), re-read the rest later (:func:`each_image`).
+
+    Returns:
+        Input index -> (image, reader warnings, seconds spent reading).
+    """
     loaded: dict[int, tuple[Volume | Image2D, list[str], float]] = {}
     budget = _CACHE_BYTES
     for i, p in enumerate(paths):
@@ -227,16 +319,33 @@ def _read_all(
     return loaded
 
 
-def _write_one(
+def each_image(
+    paths: list[Path],
+    loaded: dict[int, tuple[Volume | Image2D, list[str], float]],
+    volume: int | None,
+    series: str | None,
+) -> Iterator[tuple[int, Volume | Image2D, list[str], float]]:
+    """(index, image, reader warnings, read seconds) of every input in order: the ones
+    :func:`read_inputs` kept, the others read again."""
+    for i, inp in enumerate(paths):
+        if i in loaded:
+            image, notes, t_read = loaded.pop(i)
+        else:
+            t = time.perf_counter()
+            image, notes = read_input(inp, volume_index=volume, series_uid=series)
+            t_read = time.perf_counter() - t
+        yield i, image, notes, t_read
+
+
+def write_result(
     done: SegmenterResult,
     inp: Path,
     out: Path,
-    eng: Engine,
-    folder: EngineFolder,
-    render: PathLike | None,
+    facts: EngineFacts,
     t_read: float,
     say: Callable[[str], None],
     dicom: bool = False,
+    render: PathLike | None = None,
 ) -> dict[str, Any]:
     """Write one input's mask or DICOM SEG (and sidecar, picture); its summary."""
     result = done.result
@@ -250,27 +359,37 @@ def _write_one(
             dicom_seg.segments_of(result.stats),
             out,
             version=promptseg.__version__,
-            engine_id=folder.manifest_sha256,
+            engine_id=facts.manifest_sha256,
         )
     else:
         _write_mask(done, out)
     sidecar = None
     if len(done.targets) > 1 and not dicom:
         sidecar = labels_sidecar(out)
-        write_text_atomic(_sidecar(result, inp, out, folder), sidecar)
+        write_json_atomic(_sidecar(result, inp, out, facts), sidecar)
     t_write = time.perf_counter() - t
     if render is not None:
         from promptseg.render import Mask, draw
 
         t = time.perf_counter()
         masks = [Mask(st["target"], result.labels == st["label"]) for st in result.stats]
-        draw(done.image, masks, render, title=f"{inp.name}: promptseg-run, {eng.backend}")
+        draw(done.image, masks, render, title=f"{inp.name}: promptseg-run, {facts.backend}")
         t_write += time.perf_counter() - t
     for w in done.warnings:
         say(f"warning: {inp}: {w}")
-    summary = _summary(inp, out, sidecar, done.image, result, eng, folder, t_read, t_write)
-    summary["warnings"] = list(done.warnings)
-    summary["backend_notes"] = list(eng.notes)
+    seconds = {"read": t_read, **result.seconds, "write": t_write}
+    seconds["total"] = sum(seconds.values())
+    summary = {
+        "input": str(inp),
+        "output": str(out),
+        "labels_json": str(sidecar) if sidecar is not None else None,
+        "kind": done.image.kind,
+        "shape": [int(s) for s in done.image.data.shape],
+        **result_summary(result, facts),
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "warnings": list(done.warnings),
+        "backend_notes": list(facts.notes),
+    }
     found = ", ".join(f"{s['target']}: {s['voxels']} voxels" for s in result.stats)
     say(f"wrote {out} ({found})")
     if render is not None:
@@ -314,38 +433,6 @@ def _check_render(
         pictures.check_available()
     except ImportError as exc:
         raise InputError("--render", first_line(exc)) from exc
-
-
-def _summary(
-    inp: Path,
-    out: Path,
-    sidecar: Path | None,
-    image: Volume | Image2D,
-    result: SegmentationResult,
-    eng: Engine,
-    folder: EngineFolder,
-    t_read: float,
-    t_write: float,
-) -> dict[str, Any]:
-    seconds = {"read": t_read, **result.seconds, "write": t_write}
-    seconds["total"] = sum(seconds.values())
-    info = eng.describe()
-    return {
-        "input": str(inp),
-        "output": str(out),
-        "labels_json": str(sidecar) if sidecar is not None else None,
-        "kind": image.kind,
-        "shape": _shape(image),
-        "modality": result.modality,
-        "orientation": None if result.reorientation is None else result.reorientation.input_axcodes,
-        "backend": info["backend"],
-        "precision": info["precision"],
-        "providers": info["providers"],
-        "engine": {"path": str(folder.path), "manifest_sha256": folder.manifest_sha256},
-        "promptseg_version": promptseg.__version__,
-        "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "prompts": result.stats,
-    }
 
 
 def resolve_prompts(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import click
 
@@ -150,9 +150,6 @@ def _run(args: dict) -> int:
             print(line)
 
     try:
-        server = args.pop("server")
-        if server is not None:
-            return _run_on_server(args, server, log)
         run(
             list(args.pop("inputs")),
             list(args.pop("prompts")),
@@ -176,32 +173,6 @@ def _run(args: dict) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
-
-
-def _run_on_server(args: dict, server: str, log: Callable[[str], None]) -> int:
-    from promptseg.runtime.remote import check_local_only, run_remote
-
-    check_local_only(
-        **{"--engine": args["engine"], "--precision": args["precision"]},
-        **{"--render": args["render"], "--threads": args["threads"]},
-        **{"--backend": None if args["backend"] == "auto" else 1},
-    )
-    run_remote(
-        list(args["inputs"]),
-        list(args["prompts"]),
-        server,
-        args["output"],
-        batch=args["batch"],
-        threshold=args["threshold"],
-        modality=args["modality"],
-        json_path=args["json_path"],
-        volume=args["volume"],
-        series=args["series"],
-        postprocess=args["postprocess"],
-        output_format=args["output_format"],
-        log=log,
-    )
     return 0
 
 

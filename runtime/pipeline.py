@@ -127,11 +127,16 @@ def resolve_prompt_list(
             raise ValueError("string prompts need a PromptResolver; got resolver=None")
         else:
             out.extend(resolver.expand(p))
-    if not out:
-        raise InputError("--prompt", "no prompt given; expected at least one --prompt TEXT")
-    if len(out) > 255:
-        raise InputError("--prompt", f"{len(out)} prompts; a uint8 label map holds at most 255")
+    check_prompt_count(len(out))
     return out
+
+
+def check_prompt_count(n: int) -> None:
+    """A uint8 label map holds 1 to 255 prompts; else a one-line InputError."""
+    if n < 1:
+        raise InputError("--prompt", "no prompt given; expected at least one --prompt TEXT")
+    if n > 255:
+        raise InputError("--prompt", f"{n} prompts; a uint8 label map holds at most 255")
 
 
 def _engine_where(engine: Engine) -> str:

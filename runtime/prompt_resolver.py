@@ -88,6 +88,19 @@ class ResolvedPrompt:
             out["group"] = self.group
         return out
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> ResolvedPrompt:
+        """The prompt a :meth:`summary` describes, without its FiLM vector (empty)."""
+        return cls(
+            summary["prompt"],
+            summary["target"],
+            np.empty(0, np.float32),
+            summary["resolved_by"],
+            summary["similarity"],
+            summary["nearest_cached_prompt"],
+            summary.get("group"),
+        )
+
 
 def normalise_prompt(text: str) -> str:
     """Lowercase, collapse whitespace, strip whitespace and punctuation at both ends' tail."""

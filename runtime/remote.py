@@ -1,47 +1,47 @@
 """``promptseg-run --server HOST:PORT``: the same run, segmented by a ``promptseg serve`` server.
 
-Inputs are read and checked here exactly as for a local run, every volume is sent to the
-server's ``promptseg`` model (Triton HTTP, tritonclient) and only once every answer is back are
-the outputs written, with the writers of a local run (NIfTI/PNG, labels sidecar, DICOM SEG), so
-a refused prompt or a bad input leaves nothing behind. Needs ``pip install 'promptseg[serve]'``.
+Inputs are planned, read and checked here exactly as for a local run (the helpers of
+:mod:`promptseg.runtime.api`), every image is sent to the server's ``promptseg`` model (Triton
+HTTP, tritonclient) and only once every answer is back are the outputs written, with the
+writer of a local run (NIfTI/PNG, labels sidecar, DICOM SEG, JSON summary), so a refused
+prompt or a bad input leaves nothing behind. Needs ``pip install 'promptseg[serve]'``.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import promptseg
-from promptseg.data.readers import InputError, PathLike, Volume, write_text_atomic
 from promptseg.runtime import dicom_seg
-from promptseg.runtime.io import Image2D, check_output, input_kind, labels_sidecar, plan_outputs
-from promptseg.runtime.io import read_input as read_one
-from promptseg.runtime.pipeline import SegmentationResult, choose_modality
+from promptseg.runtime.api import (
+    EngineFacts,
+    check_sidecars,
+    each_image,
+    plan_run,
+    read_inputs,
+    write_result,
+)
+from promptseg.runtime.errors import InputError, PathLike, first_line
+from promptseg.runtime.io import input_kind
+from promptseg.runtime.pipeline import Options, SegmentationResult
 from promptseg.runtime.prompt_resolver import ResolvedPrompt
+from promptseg.runtime.segmenter import SegmenterResult
 from promptseg.runtime.serve_protocol import (
     ERROR_PREFIX,
     VOLUME_MODEL,
     decode_response,
     encode_request,
     error_message,
+    request_options,
 )
+from promptseg.runtime.writers import write_json_atomic
 
 DTYPES = {np.float32: "FP32", np.float64: "FP64", np.object_: "BYTES"}
 TIMEOUT_S = 900.0
-
-
-@dataclass
-class ServedEngine:
-    """What the server said about its engine (stands in for the engine folder in sidecars)."""
-
-    path: str
-    manifest_sha256: str
 
 
 def parse_server(server: str) -> str:
@@ -82,7 +82,9 @@ class ServerClient:
         try:
             ready = self.client.is_model_ready(VOLUME_MODEL)
         except Exception as exc:  # connection refused, DNS, ...
-            raise InputError("--server", f"{self.url} is not reachable ({_first(exc)})") from exc
+            raise InputError(
+                "--server", f"{self.url} is not reachable ({first_line(exc)})"
+            ) from exc
         if not ready:
             raise InputError(
                 "--server", f"{self.url} does not serve a ready '{VOLUME_MODEL}' model"
@@ -103,57 +105,34 @@ class ServerClient:
             text = str(exc.message() if hasattr(exc, "message") else exc)
             if ERROR_PREFIX in text:  # a refused request: the message promptseg-run prints
                 raise InputError(error_message(text)) from exc
-            raise InputError("--server", f"{self.url} failed ({_first(exc)})") from exc
+            raise InputError("--server", f"{self.url} failed ({first_line(exc)})") from exc
         return {n: result.as_numpy(n) for n in ("labels", "summary")}
 
     def close(self) -> None:
         self.client.close()
 
 
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _result(labels: np.ndarray, summary: dict[str, Any]) -> SegmentationResult:
-    """A :class:`SegmentationResult` rebuilt from the server's answer (for the local writers)."""
-    prompts = [
-        ResolvedPrompt(
-            s["prompt"],
-            s["target"],
-            np.empty(0, np.float32),
-            s["resolved_by"],
-            s["similarity"],
-            s["nearest_cached_prompt"],
-        )
-        for s in summary["prompts"]
-    ]
-    return SegmentationResult(
+def _answer(
+    image: Any, notes: list[str], labels: np.ndarray, summary: dict[str, Any]
+) -> SegmenterResult:
+    """A server's answer as the :class:`SegmenterResult` a local run would have."""
+    stats = summary["prompts"]
+    result = SegmentationResult(
         labels,
-        prompts,
-        summary["prompts"],
+        [ResolvedPrompt.from_summary(s) for s in stats],
+        stats,
         summary["modality"],
         summary["seconds"],
         summary["warnings"],
     )
-
-
-def _plan(
-    paths: list[Path], output: PathLike | None, output_format: str, n_prompts: int
-) -> tuple[list[Path], bool, bool]:
-    """Output paths, whether they are DICOM SEGs, whether label sidecars are written."""
-    kinds = [input_kind(p) for p in paths]
-    seg = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
-    if seg:
-        outputs = dicom_seg.plan_seg_outputs(paths, output, kinds)
-    else:
-        outputs = plan_outputs(paths, output, kinds)
-    several = n_prompts > 1 and not seg
-    if several:
-        for out in outputs:
-            if out.parent.exists():
-                check_output(labels_sidecar(out), paths, False, what="labels sidecar")
-    return outputs, seg, several
+    return SegmenterResult(
+        labels=labels,
+        targets=[s["target"] for s in stats],
+        present=[bool(s["present"]) for s in stats],
+        image=image,
+        result=result,
+        warnings=notes + result.warnings,
+    )
 
 
 def check_local_only(**given: Any) -> None:
@@ -170,105 +149,54 @@ def check_local_only(**given: Any) -> None:
 
 
 def run_remote(
-    inputs: Sequence[PathLike] | PathLike,
-    prompts: Sequence[str] | str,
+    paths: list[Path],
+    prompts: list[str],
     server: str,
-    output: PathLike | None = None,
-    *,
-    batch: int = 16,
-    threshold: float = 0.5,
-    modality: str = "auto",
-    json_path: PathLike | None = None,
-    volume: int | None = None,
-    series: str | None = None,
-    postprocess: str = "largest",
-    output_format: str = "auto",
-    log: Callable[[str], None] | None = None,
+    output: PathLike | None,
+    options: Options,
+    json_path: PathLike | None,
+    volume: int | None,
+    series: str | None,
+    output_format: str,
+    say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Segment inputs on a ``promptseg serve`` server and write what a local run writes.
-
-    Args mirror :func:`promptseg.runtime.api.run`; ``server`` is the server's HTTP HOST:PORT.
+    """:func:`promptseg.runtime.api.run` with ``server``: the same outputs, segmented on a
+    ``promptseg serve`` server (inputs and prompts as :func:`~promptseg.runtime.api.check_run_args`
+    gives them, options checked).
 
     Returns:
-        One summary dict per input (as a local run's, with ``server`` and the server's engine).
+        One summary dict per input (as a local run's, with ``server``, the server's engine and
+        ``seconds.round_trip``).
 
     Raises:
-        InputError: Bad input, option or output path, an unreachable server, or a request the
-            server refused (its one-line message).
+        InputError: Bad input or output path, an unreachable server, or a request the server
+            refused (its one-line message).
     """
-    from promptseg.runtime.api import _check_options, _sidecar, _write_mask
-
-    say = log or (lambda line: None)
-    paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not paths:
-        raise InputError("INPUT", "no input given; expected NIfTI files, DICOM folders or images")
-    if not prompt_list:
-        raise InputError("--prompt", "no prompt given; expected at least one --prompt TEXT")
-    _check_options("auto", None, batch, threshold, modality, volume)
-    outputs, seg, several = _plan(paths, output, output_format, len(prompt_list))
-    if json_path is not None:
-        check_output(Path(json_path), paths, False, what="JSON summary")
+    kinds = [input_kind(p) for p in paths]
+    dicom = dicom_seg.wants_dicom_seg(output_format, output, len(paths))
+    outputs = plan_run(paths, output, kinds, json_path, dicom)
+    loaded = read_inputs(paths, volume, series)
     client = ServerClient(server)
-    answers: list[tuple[Volume | Image2D, list[str], SegmentationResult, dict, float]] = []
+    answers: list[tuple[SegmenterResult, dict[str, Any], float, float]] = []
     try:
-        for inp in paths:  # every answer before the first write: nothing partial
-            t = time.perf_counter()
-            image, notes = read_one(inp, volume_index=volume, series_uid=series)
-            options = {
-                "source": str(inp),
-                "modality": choose_modality(image, modality),
-                "threshold": float(threshold),
-                "postprocess": postprocess,
-                "batch": int(batch),
-            }
-            labels, summary = decode_response(
-                client.segment(encode_request(image, prompt_list, options)), image
-            )
-            answers.append(
-                (image, notes, _result(labels, summary), summary, time.perf_counter() - t)
-            )
+        for i, image, notes, t_read in each_image(paths, loaded, volume, series):
+            t = time.perf_counter()  # every answer before the first write: nothing partial
+            sent = request_options(image, str(paths[i]), options)
+            answer = client.segment(encode_request(image, prompts, sent))
+            labels, summary = decode_response(answer, image)
+            done = _answer(image, notes, labels, summary)
+            answers.append((done, summary, t_read, time.perf_counter() - t))
     finally:
         client.close()
+    check_sidecars(outputs, paths, len(answers[0][0].targets), dicom)
     summaries = []
-    for inp, out, (image, notes, result, summary, seconds) in zip(paths, outputs, answers):
-        served = ServedEngine(**summary["engine"])
-        if not out.parent.exists():
-            out.parent.mkdir(exist_ok=True)
-        if seg:
-            dicom_seg.write_dicom_seg(
-                image,  # type: ignore[arg-type]
-                result.labels,
-                dicom_seg.segments_of(result.stats),
-                out,
-                version=promptseg.__version__,
-                engine_id=served.manifest_sha256,
-            )
-        else:
-            _write_mask(image, result, out)
-        sidecar = labels_sidecar(out) if several else None
-        if sidecar is not None:
-            write_text_atomic(_sidecar(result, inp, out, served), sidecar)  # type: ignore[arg-type]
-        for w in notes + result.warnings:
-            say(f"warning: {inp}: {w}")
-        summaries.append(
-            {
-                **{k: summary[k] for k in ("modality", "orientation", "backend", "precision")},
-                "input": str(inp),
-                "output": str(out),
-                "labels_json": None if sidecar is None else str(sidecar),
-                "kind": image.kind,
-                "shape": [int(s) for s in image.data.shape],
-                "server": client.url,
-                "engine": summary["engine"],
-                "promptseg_version": promptseg.__version__,
-                "seconds": {**summary["seconds"], "round_trip": round(seconds, 4)},
-                "prompts": result.stats,
-                "warnings": notes + result.warnings,
-            }
-        )
-        found = ", ".join(f"{s['target']}: {s['voxels']} voxels" for s in result.stats)
-        say(f"wrote {out} ({found})")
+    for inp, out, (done, served, t_read, round_trip) in zip(paths, outputs, answers):
+        facts = EngineFacts.from_summary(served)
+        summary = write_result(done, inp, out, facts, t_read, say, dicom)
+        summary["orientation"] = served["orientation"]  # the server reoriented the volume
+        summary["server"] = client.url
+        summary["seconds"]["round_trip"] = round(round_trip, 4)
+        summaries.append(summary)
     if json_path is not None:
-        write_text_atomic(json.dumps({"results": summaries}, indent=2) + "\n", json_path)
+        write_json_atomic({"results": summaries}, json_path)
     return summaries

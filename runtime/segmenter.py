@@ -110,6 +110,27 @@ def open_engine(
         raise InputError(f"--backend {backend}", first_line(exc)) from exc
 
 
+def open_checked_engine(
+    backend: str,
+    folder: EngineFolder,
+    precision: str | None,
+    threads: int | None,
+    film_dim: int,
+) -> Engine:
+    """:func:`open_engine`, then checked against the preprocessing and the FiLM vector length.
+
+    Raises:
+        InputError: The backend cannot run, or the engine disagrees with its folder.
+    """
+    eng = open_engine(backend, folder, precision, threads)
+    try:
+        check_engine(eng, folder.preprocessing, film_dim)
+    except BaseException:
+        eng.close()
+        raise
+    return eng
+
+
 def check_backend_options(backend: str, precision: str | None, threads: int | None) -> None:
     """One-line InputErrors for an unknown backend or precision or a bad thread count."""
     try:
@@ -203,22 +224,41 @@ class Segmenter:
         if load:
             self.load()
 
+    @property
+    def film_dim(self) -> int:
+        """P, the length of the prompts' FiLM vectors."""
+        return int(self.resolver.cache.film.shape[-1])
+
     def load(self) -> Engine:
         """Open the engine (once) and check it against the preprocessing and the prompts."""
         with self._load_lock:
             if self.engine is None:
-                eng = open_engine(self.backend, self.folder, self.precision, self.threads)
-                try:
-                    check_engine(
-                        eng, self.folder.preprocessing, int(self.resolver.cache.film.shape[-1])
+                self._attach(
+                    open_checked_engine(
+                        self.backend, self.folder, self.precision, self.threads, self.film_dim
                     )
-                except BaseException:
-                    eng.close()
-                    raise
-                shared = eng.backend.startswith("ort")  # ORT sessions run concurrently
-                self._infer_lock = None if shared else threading.Lock()
-                self.engine = eng
+                )
         return self.engine
+
+    def use_engine(self, engine: Engine) -> Engine:
+        """Segment with an engine opened elsewhere (``promptseg serve``'s slice model), once
+        checked against the preprocessing and the prompts; the Segmenter closes it.
+
+        Raises:
+            InputError: The engine disagrees with the engine folder.
+            ValueError: The Segmenter already has an engine.
+        """
+        with self._load_lock:
+            if self.engine is not None:
+                raise ValueError("this Segmenter already has an engine")
+            check_engine(engine, self.folder.preprocessing, self.film_dim)
+            self._attach(engine)
+        return engine
+
+    def _attach(self, engine: Engine) -> None:
+        shared = engine.backend.startswith("ort")  # ORT sessions run concurrently
+        self._infer_lock = None if shared else threading.Lock()
+        self.engine = engine
 
     @property
     def targets(self) -> list[str]:
@@ -240,10 +280,13 @@ class Segmenter:
         image: Volume | Image2D,
         prompts: Sequence[ResolvedPrompt],
         progress: Callable[[int], Callable[[int], None] | None] | None = None,
+        options: Options | None = None,
     ) -> SegmentationResult:
         """The label map of a read image for resolved prompts (the step ``promptseg-run`` runs).
 
         ``progress`` is called with the number of slices and returns a per-batch callback.
+        ``options`` replaces the Segmenter's own for this call (already checked, as
+        ``Options(...).check()`` returns them; ``promptseg serve`` takes them per request).
         """
         engine = self.load()
         lock = self._infer_lock if self._infer_lock is not None else contextlib.nullcontext()
@@ -253,7 +296,7 @@ class Segmenter:
                 prompts,
                 engine,
                 self.folder.preprocessing,
-                self.options,
+                self.options if options is None else options,
                 axcodes=self.folder.axcodes,
                 presence_thresholds=self.folder.manifest.get("presence_thresholds"),
                 progress=progress,

@@ -26,20 +26,20 @@ from typing import Any
 
 import numpy as np
 
-import promptseg
 from promptseg.data.readers import InputError, PathLike, Volume
+from promptseg.runtime.api import EngineFacts, result_summary
 from promptseg.runtime.engines import Engine
 from promptseg.runtime.io import Image2D
 from promptseg.runtime.manifest import EngineFolder
-from promptseg.runtime.pipeline import SegmentationResult, check_engine, segment
-from promptseg.runtime.prompt_resolver import PromptResolver
+from promptseg.runtime.pipeline import SegmentationResult
+from promptseg.runtime.segmenter import Segmenter, open_checked_engine
 from promptseg.runtime.serve_protocol import (
     ERROR_PREFIX,
     SLICE_MODEL,
     VOLUME_MODEL,
     decode_request,
     encode_response,
-    request_modality,
+    pipeline_options,
 )
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -128,69 +128,54 @@ class TritonSliceEngine(Engine):
 
 
 def segment_request(
-    image: Volume | Image2D,
-    prompts: list[str],
-    options: dict[str, Any],
-    engine: Engine,
-    resolver: PromptResolver,
-    folder: EngineFolder,
+    image: Volume | Image2D, prompts: list[str], options: dict[str, Any], segmenter: Segmenter
 ) -> SegmentationResult:
-    """Segment one request's image with the runtime's pipeline (the server's only adapter).
+    """Segment one request's image as ``promptseg-run`` does: the request's options checked as
+    :class:`~promptseg.runtime.pipeline.Options`, the prompts resolved and the image segmented
+    by the :class:`Segmenter` (the server's only adapter).
 
     Raises:
         InputError: A bad prompt or option (the message ``promptseg-run`` prints).
     """
-    resolved = resolver.resolve_all(prompts)
-    return segment(
-        image,
-        resolved,
-        engine,
-        resolver,
-        folder.preprocessing,
-        batch=int(options["batch"]),
-        threshold=float(options["threshold"]),
-        modality=request_modality(options),
-        axcodes=folder.axcodes,
-        postprocess=str(options["postprocess"]),
-    )
+    run_options = pipeline_options(options)
+    resolved = segmenter.resolve(prompts)
+    return segmenter.segment(image, resolved, options=run_options)
 
 
-def _summary(result: SegmentationResult, engine: Engine, folder: EngineFolder) -> dict:
+def response_summary(result: SegmentationResult, facts: EngineFacts) -> dict[str, Any]:
+    """The ``summary`` of a response: :func:`~promptseg.runtime.api.result_summary`, warnings,
+    stage seconds and the backend notes."""
     return {
-        "prompts": result.stats,
-        "modality": result.modality,
-        "orientation": None if result.reorientation is None else result.reorientation.input_axcodes,
+        **result_summary(result, facts),
         "warnings": result.warnings,
         "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
-        "backend": engine.backend,
-        "precision": engine.precision,
-        "providers": engine.providers,
-        "engine": {"path": str(folder.path), "manifest_sha256": folder.manifest_sha256},
-        "promptseg_version": promptseg.__version__,
+        "backend_notes": list(facts.notes),
     }
 
 
 def volume_infer_function(
     folder: EngineFolder, grpc_url: str, info: dict[str, Any], threads: int | None
 ) -> Callable[[list], list[dict[str, np.ndarray]]]:
-    """One instance of the ``promptseg`` model: its own prompt resolver and slice client."""
-    resolver = PromptResolver(folder, threads=threads)
-    state: dict[str, Engine] = {}
+    """One instance of the ``promptseg`` model: its own :class:`Segmenter` (prompt resolver),
+    whose engine is the slice model (connected on the first request)."""
+    segmenter = Segmenter(folder, threads=threads, load=False)
+    state: dict[str, EngineFacts] = {}
     lock = threading.Lock()
 
     def infer(requests: list) -> list[dict[str, np.ndarray]]:
         with lock:
-            if "engine" not in state:  # the server is up once requests arrive
-                state["engine"] = TritonSliceEngine(grpc_url, folder, info)
-        engine = state["engine"]
+            if "facts" not in state:  # the server is up once requests arrive
+                engine = segmenter.use_engine(TritonSliceEngine(grpc_url, folder, info))
+                state["facts"] = EngineFacts.of(engine, folder)
         responses = []
         for request in requests:
             try:
                 image, prompts, options = decode_request(dict(request.items()))
-                result = segment_request(image, prompts, options, engine, resolver, folder)
+                result = segment_request(image, prompts, options, segmenter)
             except InputError as exc:
                 raise RequestError(str(exc)) from None
-            responses.append(encode_response(result.labels, _summary(result, engine, folder)))
+            summary = response_summary(result, state["facts"])
+            responses.append(encode_response(result.labels, summary))
         return responses
 
     return infer
@@ -248,14 +233,19 @@ def check_serve_options(opts: ServeOptions) -> None:
 
 
 def _open_engines(opts: ServeOptions, folder: EngineFolder) -> list[Engine]:
-    from promptseg.runtime.api import _open_engine
-
-    engines = [
-        _open_engine(opts.backend, folder, opts.precision, opts.threads)
-        for _ in range(int(opts.instances))
-    ]
-    resolver = PromptResolver(folder)
-    check_engine(engines[0], folder.preprocessing, int(resolver.cache.film.shape[-1]))
+    """One checked engine per instance of the slice model (all closed if one fails)."""
+    engines: list[Engine] = []
+    try:
+        for _ in range(int(opts.instances)):
+            engines.append(
+                open_checked_engine(
+                    opts.backend, folder, opts.precision, opts.threads, int(folder.film_dim)
+                )
+            )
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
     return engines
 
 

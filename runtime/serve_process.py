@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -68,6 +68,35 @@ class _LoopbackServer:
 
     def metrics_text(self) -> str:
         return _get(f"http://127.0.0.1:{self.metrics}/metrics")[1]
+
+    def model_metric(self, name: str, model: str) -> float:
+        """One counter of one model from Triton's metrics (0.0 while it has none)."""
+        prefix = f'{name}{{model="{model}"'
+        for line in self.metrics_text().splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill_mid_request(
+        self, start: Callable[[], subprocess.Popen], model: str, timeout: float = 120.0
+    ) -> bool:
+        """Start a client with ``start()`` and kill it once ``model`` has answered one more
+        request than before (the server is working on the client's request).
+
+        Returns:
+            Whether the client was still waiting for its answer when it was killed.
+        """
+        before = self.model_metric("nv_inference_request_success", model)
+        job = start()
+        t0 = time.perf_counter()
+        while job.poll() is None and time.perf_counter() - t0 < timeout:
+            if self.model_metric("nv_inference_request_success", model) > before:
+                break
+            time.sleep(0.02)
+        waiting = job.poll() is None
+        job.kill()
+        job.communicate(timeout=60)
+        return waiting
 
     def tail(self, n: int = 40) -> str:
         if not self._out.closed:

@@ -26,6 +26,7 @@ import numpy as np
 from promptseg.data.readers import InputError, Volume, _check_finite, _spacing_from_affine
 from promptseg.runtime.io import Image2D
 from promptseg.runtime.orientation import orientation_known
+from promptseg.runtime.pipeline import Options, choose_modality
 
 VOLUME_MODEL = "promptseg"
 SLICE_MODEL = "promptseg_slices"
@@ -39,6 +40,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "threshold": 0.5,
     "postprocess": "largest",
     "batch": 16,  # slices per call of the slice model
+    "presence_threshold": None,  # one presence tau for every prompt (null: the manifest's)
+    "presence_gate": True,  # false: keep every slice's mask whatever the presence output says
     "orientation_known": True,  # False: use the volume as it is (MRC)
     "voxel_size_missing": False,
 }
@@ -105,7 +108,47 @@ def decode_options(raw: np.ndarray | None) -> dict[str, Any]:
                 flag, f"must be a{'n integer' if kind is int else ' number'}, got {value!r}"
             )
         options[key] = kind(value)
+    tau = options["presence_threshold"]
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float))):
+        raise InputError("--presence-threshold", f"must be a number or null, got {tau!r}")
+    if not isinstance(options["presence_gate"], bool):
+        raise InputError(
+            "--presence-gate", f"must be true or false, got {options['presence_gate']!r}"
+        )
     return options
+
+
+def request_options(image: Volume | Image2D, source: str, options: Options) -> dict[str, Any]:
+    """The ``options`` of a request for a read image from a run's checked :class:`Options`.
+
+    ``modality: auto`` is resolved here, where the DICOM Modality tag is still visible.
+    """
+    tau = options.presence_threshold
+    return {
+        "source": source,
+        "modality": choose_modality(image, options.modality),
+        "threshold": float(options.threshold),
+        "postprocess": options.postprocess,
+        "batch": int(options.batch),
+        "presence_threshold": None if tau is None else float(tau),
+        "presence_gate": bool(options.presence_gate),
+    }
+
+
+def pipeline_options(options: dict[str, Any]) -> Options:
+    """A decoded request's options as checked :class:`Options` (what ``promptseg-run`` checks).
+
+    Raises:
+        InputError: A value ``promptseg-run`` refuses (its message).
+    """
+    return Options(
+        batch=options["batch"],
+        threshold=options["threshold"],
+        modality="auto" if options["modality"] == "uint8" else str(options["modality"]),
+        postprocess=str(options["postprocess"]),
+        presence_threshold=options["presence_threshold"],
+        presence_gate=options["presence_gate"],
+    ).check()
 
 
 def decode_request(inputs: dict[str, np.ndarray]) -> tuple[Volume | Image2D, list[str], dict]:
@@ -142,11 +185,6 @@ def decode_request(inputs: dict[str, np.ndarray]) -> tuple[Volume | Image2D, lis
     }
     volume = Volume(data, affine, _spacing_from_affine(affine), source, "request", meta)
     return volume, prompts, options
-
-
-def request_modality(options: dict[str, Any]) -> str:
-    """The ``modality`` argument for :func:`promptseg.runtime.pipeline.segment`."""
-    return "auto" if options["modality"] == "uint8" else str(options["modality"])
 
 
 def encode_response(labels: np.ndarray, summary: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -44,8 +44,9 @@ def _trained_looking_model(config, embed_dim: int, film_hidden: int) -> PromptSe
 
 @pytest.fixture
 def saved(tmp_path, text_encoder, vocab_embeddings):
-    """A non-default model (concat fusion, no CBAM, film_hidden 32) saved to a file."""
-    config = preset_config("tiny", fusion="concat", cbam=False, resolution=48)
+    """A non-default model (concat fusion, no CBAM, film_hidden 32, a presence head) saved to
+    a file."""
+    config = preset_config("tiny", fusion="concat", cbam=False, resolution=48, presence_hidden=8)
     model = _trained_looking_model(config, text_encoder.hidden_size, film_hidden=32)
     prompts = ["Segment the liver", "Segment the spleen", "glioma"]
     embeddings = {p: vocab_embeddings[p] for p in prompts}
@@ -115,7 +116,8 @@ def test_model_is_rebuilt_from_the_file_alone(saved):
         "x = torch.load(sys.argv[2])\n"
         "with torch.no_grad():\n"
         "    torch.save(ck.model(x['image'], x['emb']), sys.argv[3])\n"
-        "print(ck.config.fusion, ck.config.cbam, ck.model.film.hidden[0].out_features)\n"
+        "print(ck.config.fusion, ck.config.cbam, ck.model.film.hidden[0].out_features,\n"
+        "      ck.config.presence_hidden)\n"
     )
     result = subprocess.run(
         [
@@ -132,7 +134,7 @@ def test_model_is_rebuilt_from_the_file_alone(saved):
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["concat", "False", "32"]
+    assert result.stdout.split() == ["concat", "False", "32", "8"]
     x = torch.load(path.parent / "inputs.pt")
     with torch.no_grad():
         expected = model(x["image"], x["emb"])

@@ -63,8 +63,8 @@ def test_train_bad_dataset_name_in_a_config_file(tmp_path):
 @pytest.mark.parametrize(
     ("name", "text"),
     [
-        ("run.json", '{"epochs": 1, "learning_rate": 0.1}\n'),
-        ("run.yaml", "epochs: 1\nlearning_rate: 0.1\n"),
+        ("run.json", '{"total_samples": 64, "learning_rate": 0.1}\n'),
+        ("run.yaml", "total_samples: 64\nlearning_rate: 0.1\n"),
     ],
 )
 def test_train_config_unknown_key(tmp_path, name, text):
@@ -95,9 +95,9 @@ def test_no_subcommand_is_a_usage_error():
 @pytest.mark.parametrize(
     ("name", "text"),
     [
-        ("broken.json", '{"epochs": 1,,}\n'),
-        ("broken.yaml", "epochs: [1\n"),
-        ("typed.json", '{"epochs": "three"}\n'),
+        ("broken.json", '{"total_samples": 64,,}\n'),
+        ("broken.yaml", "total_samples: [1\n"),
+        ("typed.json", '{"total_samples": "three"}\n'),
     ],
 )
 def test_train_malformed_config_names_the_file(tmp_path, name, text):

@@ -242,6 +242,9 @@ def test_onnx_runtime_matches_torch_across_batches_and_prompts(exported, loaded,
                 got16.append(fp16.run(["logits"], feed)[0])
             got32, got16 = np.concatenate(got32), np.concatenate(got16)
             assert got32.dtype == got16.dtype == np.float32
+            presence32 = np.concatenate(presence32)
+            assert presence32.shape == ref_presence.shape == (len(slices), 1)
+            assert np.max(np.abs(presence32 - ref_presence)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got32 - ref)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got16 - ref)) < 5e-2, (prompt, batch)
             np.testing.assert_allclose(np.concatenate(presence32), ref_presence, atol=1e-4)

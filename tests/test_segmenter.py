@@ -149,18 +149,25 @@ def test_presence_gate_empties_the_slices_below_tau(tiny_checkpoint) -> None:
     loaded = load_checkpoint(tiny_checkpoint)
     unet = loaded.model.unet
 
-    class WithPresence(torch.nn.Module):
-        """The UNet plus a presence logit: each slice's highest mask logit."""
+    class MaskOnly(torch.nn.Module):
+        """The UNet's mask logits alone (a network without a presence output)."""
 
         def __init__(self) -> None:
             super().__init__()
             self.inner, self.config, self.film_dim = unet, unet.config, unet.film_dim
 
         def forward(self, image, film):
-            mask = self.inner(image, film)
+            return self.inner(image, film)[0]
+
+    class WithPresence(MaskOnly):
+        """The mask logits plus a presence logit: each slice's highest mask logit."""
+
+        def forward(self, image, film):
+            mask = super().forward(image, film)
             return mask, mask.amax(dim=(2, 3))
 
-    plain, gated = TorchEngine.from_unet(unet), TorchEngine.from_unet(WithPresence())
+    plain, gated = TorchEngine.from_unet(MaskOnly()), TorchEngine.from_unet(WithPresence())
+    assert [s.name for s in TorchEngine.from_unet(unet).outputs] == ["logits", "presence"]
     assert [s.name for s in plain.outputs] == ["logits"]
     assert [s.name for s in gated.outputs] == ["logits", "presence"]
     slices = read_volume(EXAMPLE).data.transpose(2, 0, 1)[10:22]

@@ -6,8 +6,8 @@ is compared voxel for voxel with a local ``promptseg-run`` of the same input.
 
 from __future__ import annotations
 
+import json
 import subprocess
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -156,11 +156,10 @@ def test_bad_requests_get_the_cli_message_and_the_server_keeps_serving(
 def test_a_client_killed_mid_request_leaves_the_server_healthy(
     server, chaos: Path, tmp_path: Path
 ) -> None:
-    job = _start_cli(chaos, *PROMPTS, "-o", tmp_path / "dropped.nii.gz", "--server", server.url)
-    time.sleep(1.5)  # reading the volume and sending it
-    job.kill()
-    job.communicate(timeout=60)
-    assert not (tmp_path / "dropped.nii.gz").exists()
+    dropped = tmp_path / "dropped.nii.gz"
+    args = (chaos, *PROMPTS, "--batch", "1", "-o", dropped, "--server", server.url)
+    assert server.kill_mid_request(lambda: _start_cli(*args), "promptseg_slices")
+    assert not dropped.exists()
     proc = run_cli(
         chaos,
         "--prompt",
@@ -184,3 +183,102 @@ def test_server_errors_are_one_line(tmp_path: Path, chaos: Path) -> None:
     assert proc.stderr.strip().count("\n") == 0 and "is not reachable" in proc.stderr
     proc = run_cli(chaos, "--prompt", "liver", "--server", "127.0.0.1:1", "--engine", tmp_path)
     assert proc.returncode == 2 and "--engine: is not used with --server" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def presence_engine(tmp_path_factory, text_encoder, vocab_embeddings) -> Path:
+    """An engine exported from a tiny checkpoint with a (seeded, untrained) presence head."""
+    from promptseg.export import export_model
+    from tests.conftest import make_checkpoint
+
+    root = tmp_path_factory.mktemp("presence-engine")
+    checkpoint = make_checkpoint(
+        root / "presence.pt", text_encoder, vocab_embeddings, presence_hidden=8
+    )
+    export_model(checkpoint, root / "engine", verify=False, progress=False)
+    return root / "engine"
+
+
+def _median_probabilities(engine: Path, image: Path) -> tuple[float, float]:
+    """The median 'liver' mask probability and the median slice presence probability of the
+    engine on ``image`` (a threshold and a tau that keep about half)."""
+    from promptseg.data.readers import read_volume
+    from promptseg.preprocess import normalize, resize_bilinear, sigmoid
+    from promptseg.runtime import EngineFolder, OrtEngine, PromptResolver
+
+    folder = EngineFolder.open(engine)
+    r = folder.resolution
+    data = normalize(read_volume(image).data, "mr", folder.preprocessing).transpose(2, 0, 1)
+    x = np.ascontiguousarray(resize_bilinear(data, (r, r))[:, None])
+    film = np.repeat(PromptResolver(folder).resolve("liver").film[None], len(x), axis=0)
+    with OrtEngine(folder, threads=1) as engine:
+        out = engine.infer({"image": x, "film": film})
+    return float(np.median(sigmoid(out["logits"]))), float(np.median(sigmoid(out["presence"])))
+
+
+def test_presence_options_reach_the_server(presence_engine: Path, chaos: Path, tmp_path) -> None:
+    """--presence-threshold and --no-presence-gate with --server give the local run's voxels."""
+    from promptseg.runtime.serve_process import ServerProcess
+
+    assert [o["name"] for o in json.loads((presence_engine / "manifest.json").read_text())[
+        "outputs"
+    ]] == ["logits", "presence"]  # fmt: skip
+    threshold, tau = _median_probabilities(presence_engine, chaos)
+    gates = {"gated": [], "open": ["--no-presence-gate"]}
+    srv = ServerProcess(tmp_path / "server.log", "--engine", str(presence_engine))
+    runs = {}
+    try:
+        for name, gate in gates.items():
+            for where in ("local", "remote"):
+                here = ["--engine", presence_engine] if where == "local" else ["--server", srv.url]
+                out, summary = (
+                    tmp_path / f"{where}-{name}.nii.gz",
+                    tmp_path / f"{where}-{name}.json",
+                )
+                _ok(run_cli(chaos, "--prompt", "liver", "--threshold", repr(threshold),
+                            "--presence-threshold", repr(tau), *gate, *here, "-o", out,
+                            "--json", summary, "--quiet", threads=where == "local"))  # fmt: skip
+                stats = json.loads(summary.read_text())["results"][0]["prompts"][0]
+                runs[where, name] = (_voxels(out), stats)
+    finally:
+        assert srv.stop() == 0, srv.tail()
+    n_slices = runs["local", "gated"][0].shape[2]
+    for name in gates:
+        local, remote = runs["local", name], runs["remote", name]
+        np.testing.assert_array_equal(remote[0], local[0])
+        assert remote[1]["slices_gated"] == local[1]["slices_gated"]
+        assert remote[1]["presence_max_probability"] == local[1]["presence_max_probability"]
+    assert 0 < runs["local", "gated"][1]["slices_gated"] < n_slices
+    assert runs["local", "open"][1]["slices_gated"] == 0
+    open_mask, gated_mask = runs["local", "open"][0], runs["local", "gated"][0]
+    assert (gated_mask <= open_mask).all() and gated_mask.sum() < open_mask.sum()
+
+
+def test_request_options_carry_the_run_options() -> None:
+    """The options JSON round-trips promptseg-run's Options; bad presence values are refused."""
+    from promptseg.runtime.errors import InputError
+    from promptseg.runtime.io import Image2D
+    from promptseg.runtime.pipeline import Options
+    from promptseg.runtime.serve_protocol import (
+        decode_request,
+        encode_request,
+        pipeline_options,
+        request_options,
+    )
+
+    image = Image2D(np.zeros((8, 8), np.float32), {"bit_depth": 8}, "x.png")
+    for options in (
+        Options(4, 0.3, "auto", "none", 0.25, True),
+        Options(presence_gate=False),
+        Options(modality="ct"),
+    ):
+        sent = encode_request(image, ["liver"], request_options(image, "x.png", options))
+        _, prompts, received = decode_request(sent)
+        assert received["modality"] == ("uint8" if options.modality == "auto" else "ct")
+        assert prompts == ["liver"] and pipeline_options(received) == options
+    for bad, flag in (({"presence_threshold": "high"}, "--presence-threshold"),
+                      ({"presence_gate": 1}, "--presence-gate"),
+                      ({"presence_threshold": 1.5}, "--presence-threshold")):  # fmt: skip
+        sent = encode_request(image, ["liver"], {"source": "x.png", **bad})
+        with pytest.raises(InputError, match=f"^{flag}: "):
+            pipeline_options(decode_request(sent)[2])

@@ -242,6 +242,17 @@ def _batch(banks: list, chunk: list):
     return images, masks
 
 
+def _seed_everything(seed: int, threads: int) -> None:
+    """Seed Python, numpy and torch; ``threads`` torch threads; deterministic algorithms."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: str = "cpu"):
     """Train one model for ``spec.steps`` steps; returns (model, loss curve, seconds)."""
     import torch
@@ -251,11 +262,7 @@ def train_run(spec: RunSpec, cache: Path = CACHE, log_every: int = 10, device: s
     from promptseg.prompts import PromptVocabulary
     from promptseg.train import augment
 
-    random.seed(spec.seed)
-    np.random.seed(spec.seed)
-    torch.manual_seed(spec.seed)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_everything(spec.seed, threads=1)
     table, index = _embedding_table(cache)
     banks = [_load(_bank_path(cache, d, "train", spec)) for d in spec.train_datasets]
     vocab = PromptVocabulary()
