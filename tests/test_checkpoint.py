@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -161,10 +162,15 @@ def test_checkpoint_from_before_the_presence_head_still_loads(saved):
     blob = torch.load(path, weights_only=False)
     for name in ("cbam_levels", "presence_hidden"):
         del blob["model_config"][name]
+    blob["state_dict"] = {  # what a checkpoint of that time holds: no presence head
+        k: v for k, v in blob["state_dict"].items() if not k.startswith("unet.presence_head.")
+    }
     old = path.with_name("old.pt")
     torch.save(blob, old)
     loaded = load_checkpoint(old)
-    assert loaded.config == model.unet.config
+    assert loaded.config == dataclasses.replace(
+        model.unet.config, presence_hidden=0, cbam_levels=[0, 1, 2, 3]
+    )
     assert loaded.model.unet.presence_head is None
     assert loaded.presence_thresholds == {}
     image = torch.rand(2, 1, 48, 48)

@@ -247,7 +247,6 @@ def test_onnx_runtime_matches_torch_across_batches_and_prompts(exported, loaded,
             assert np.max(np.abs(presence32 - ref_presence)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got32 - ref)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got16 - ref)) < 5e-2, (prompt, batch)
-            np.testing.assert_allclose(np.concatenate(presence32), ref_presence, atol=1e-4)
             a, b = got16 > 0, ref > 0
             dice = 1.0 if a.sum() + b.sum() == 0 else 2 * (a & b).sum() / (a.sum() + b.sum())
             assert dice >= 0.98, (prompt, batch, dice)
