@@ -68,6 +68,7 @@ def score_pairs(bank: Bank, out: dict[str, np.ndarray], tau: float | np.ndarray)
     keep = out["prob"] >= np.broadcast_to(np.asarray(tau, np.float64), (len(TARGETS),))
     pred, inter = out["pred"] * keep, out["inter"] * keep
     datasets = np.array(bank.image_dataset)
+    cases = np.array(bank.image_case)
     dice: dict[str, list[float]] = defaultdict(list)
     for ds in sorted(set(bank.image_dataset)):
         rows = datasets == ds
@@ -76,7 +77,6 @@ def score_pairs(bank: Bank, out: dict[str, np.ndarray], tau: float | np.ndarray)
             if not positive.any():
                 continue
             if ds in VOLUME_DATASETS:
-                cases = np.array(bank.image_case)
                 for case in sorted(set(cases[positive])):
                     c = (cases == case) & (bank.state[:, j] != UNKNOWN)
                     denom = pred[c, j].sum() + out["truth"][c, j].sum()
