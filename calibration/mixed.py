@@ -30,6 +30,13 @@ selective quantisation). :func:`mixed_precision_search` does that for the Q/DQ g
 3. **Search.** The ``k`` most sensitive nodes are kept in float for the smallest ``k`` whose
    graph passes the proxy check (k = 1, 2, 4, ... then bisection), up to ``max_float`` nodes;
    when no such ``k`` exists the best graph tried is kept and the report says it failed.
+4. **Cross-validation of k.** The proxy cases are split into :data:`CV_FOLDS` folds (per
+   dataset, contiguous runs of sorted case ids, so neighbouring slices of one patient or
+   volume stay in one fold). For each fold, ``k`` is chosen as in step 3 on the other folds
+   only and then checked on the held-out fold; the kept ``k`` is the largest of the folds'
+   choices and of the whole-proxy choice, so a node set is never chosen on the cases that
+   judge it. The graphs are the same for every fold (only their scoring subset differs), so
+   the folds reuse the whole-proxy trials and cost few extra proxy passes.
 
 Every step is recorded (the report goes into the engine manifest): the proxy cases, the proxy
 differences of each graph tried, the ranked sensitivities and the nodes kept in float with the
@@ -57,6 +64,8 @@ __all__ = [
     "mixed_precision_search",
     "ort_session",
     "proxy_dice",
+    "proxy_folds",
+    "restrict",
     "sensitivity",
 ]
 
@@ -64,6 +73,8 @@ __all__ = [
 PROXY_BRAIN_PER_CLASS = 30
 PROXY_CHAOS_VOLUMES = 2
 PROXY_BTCV_SLICES = 40
+# Folds of the cross-validated choice of how many nodes stay float.
+CV_FOLDS = 3
 
 
 # --------------------------------------------------------------------------- sessions
@@ -133,6 +144,40 @@ class ProxySet:
             "slice_inferences": int(inferences),
             **self.meta,
         }
+
+
+def proxy_folds(proxy: ProxySet, k: int = CV_FOLDS) -> list[set[str]]:
+    """``k`` disjoint sets of proxy case ids: per dataset, contiguous runs of its sorted ids.
+
+    Sorting by the numbers in the id keeps neighbouring brain slices (which share patients)
+    and the slices of one BTCV volume together; each dataset starts at a different fold so
+    datasets with fewer cases than folds do not all land in the first one.
+    """
+    import re
+
+    def key(case_id: str) -> list[Any]:
+        return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", case_id)]
+
+    folds: list[set[str]] = [set() for _ in range(k)]
+    datasets = sorted({c.dataset for c in proxy.cases})
+    for shift, dataset in enumerate(datasets):
+        ids = sorted((c.case_id for c in proxy.cases if c.dataset == dataset), key=key)
+        for f, chunk in enumerate(np.array_split(np.asarray(ids, dtype=object), k)):
+            folds[(f + shift) % k] |= {str(i) for i in chunk}
+    return folds
+
+
+def restrict(
+    dice: dict[str, list[float]], proxy: ProxySet, keep: set[str]
+) -> dict[str, list[float]]:
+    """Per-target Dice lists of :func:`proxy_dice` limited to the cases in ``keep``."""
+    out: dict[str, list[float]] = {}
+    for t, values in dice.items():
+        ids = [c.case_id for c in proxy.cases if t in c.masks]
+        kept = [v for v, i in zip(values, ids) if i in keep]
+        if kept:
+            out[t] = kept
+    return out
 
 
 def build_proxy_set(
@@ -405,10 +450,12 @@ def mixed_precision_search(
     ref = proxy_dice(fp32, proxy, films, resolution)
     say(f"INT8 proxy: {proxy.summary()['slice_inferences']} slice inferences per graph")
     trials: list[dict[str, Any]] = []
+    scored: dict[int, dict[str, list[float]]] = {}  # float-node count -> proxy Dice per case
 
     def trial(kept: list[str], label: str) -> dict[str, Any]:
         path = build(None, [*always_float, *kept])
         cand = proxy_dice(ort_session(path, threads), proxy, films, resolution)
+        scored[len(kept)] = cand
         result = compare_dice(ref, cand, eval_cases)
         result = {"float_nodes": len(kept), "label": label, **result,
                   "pass": result["max_bound"] <= tolerance}  # fmt: skip
@@ -443,7 +490,15 @@ def mixed_precision_search(
             "by the mean over targets, then by relative logit RMS error",
             "ranked": ranked,
         }
-        kept = _fewest_float([r["node"] for r in ranked], max_float, trial, trials)
+        order = [r["node"] for r in ranked]
+        kept = _fewest_float(order, max_float, trial, trials)
+        cv = _cross_validate(order, len(kept), max_float, trial, scored, ref, proxy,
+                             eval_cases, tolerance)  # fmt: skip
+        report["cross_validation"] = cv
+        if cv["k"] > len(kept):
+            kept = order[: cv["k"]]
+            if cv["k"] not in scored:
+                trial(kept, f"{cv['k']} most sensitive float (cross-validated)")
     final = next(t for t in reversed(trials) if t["float_nodes"] == len(kept))
     reasons = _float_reasons(always_float, kept, report["sensitivity"])
     report["kept_float"] = [{"node": n, "reason": why} for n, why in reasons.items()]
@@ -496,27 +551,96 @@ def _fewest_float(
     trial: Callable[[list[str], str], dict[str, Any]],
     trials: list[dict[str, Any]],
 ) -> list[str]:
-    """The shortest prefix of ``order`` kept in float that passes ``trial``.
+    """The shortest prefix of ``order`` kept in float that passes ``trial`` (k = 0 tried).
 
     Doubling, then bisection between the last failing and the first passing size; when no
     size up to ``max_float`` passes, the prefix of the trial with the smallest bound.
     """
-    lo, hi, k = 0, None, 1
-    while 0 < k <= max_float:
-        if trial(order[:k], f"{k} most sensitive float")["pass"]:
-            hi = k
-            break
-        lo, k = k, (min(2 * k, max_float) if k < max_float else 0)
-    if hi is None:
+    done = {t["float_nodes"]: t for t in trials}
+
+    def passes(k: int) -> bool:
+        if k not in done:
+            done[k] = trial(order[:k], f"{k} most sensitive float")
+        return bool(done[k]["pass"])
+
+    k = _smallest_passing(passes, max_float)
+    if k is None:
         best = min(trials, key=lambda t: t["max_bound"])
         return order[: best["float_nodes"]]
+    return order[:k]
+
+
+def _smallest_passing(passes: Callable[[int], bool], max_float: int) -> int | None:
+    """Smallest k in 0..max_float with ``passes(k)`` (doubling, then bisection), or None."""
+    if passes(0):
+        return 0
+    lo, k = 0, 1
+    while k <= max_float:
+        if passes(k):
+            break
+        lo, k = k, (min(2 * k, max_float) if k < max_float else max_float + 1)
+    if k > max_float:
+        return None
+    hi = k
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if trial(order[:mid], f"{mid} most sensitive float")["pass"]:
+        if passes(mid):
             hi = mid
         else:
             lo = mid
-    return order[:hi]
+    return hi
+
+
+def _cross_validate(
+    order: list[str],
+    k_whole: int,
+    max_float: int,
+    trial: Callable[[list[str], str], dict[str, Any]],
+    scored: dict[int, dict[str, list[float]]],
+    ref: dict[str, list[float]],
+    proxy: ProxySet,
+    eval_cases: dict[str, int] | None,
+    tolerance: float,
+) -> dict[str, Any]:
+    """Choose the float-node count ``k`` on all folds but one, check it on the held-out fold.
+
+    Returns ``{"folds": [...], "k": kept count, "held_out_passed": every fold passed, ...}``;
+    ``k`` is the largest of the folds' choices and ``k_whole`` (the whole-proxy choice).
+    """
+
+    def dice_at(k: int) -> dict[str, list[float]]:
+        if k not in scored:
+            trial(order[:k], f"{k} most sensitive float (cross-validation)")
+        return scored[k]
+
+    def check(k: int, keep: set[str]) -> dict[str, Any]:
+        return compare_dice(restrict(ref, proxy, keep), restrict(dice_at(k), proxy, keep),
+                            eval_cases)  # fmt: skip
+
+    folds = proxy_folds(proxy)
+    every = {c.case_id for c in proxy.cases}
+    rows = []
+    for i, held in enumerate(folds):
+        rest = every - held
+        k = _smallest_passing(
+            lambda k, rest=rest: check(k, rest)["max_bound"] <= tolerance, max_float
+        )
+        chosen = max_float if k is None else k
+        out = check(chosen, held)
+        rows.append({"fold": i, "cases": len(held), "k_chosen_on_other_folds": k,
+                     "held_out_max_bound": round(out["max_bound"], 5),
+                     "held_out_pass": bool(out["max_bound"] <= tolerance)})  # fmt: skip
+    ks = [r["k_chosen_on_other_folds"] for r in rows]
+    k_final = max([k_whole] + [max_float if k is None else k for k in ks])
+    return {
+        "folds": rows,
+        "rule": f"{len(folds)} folds of the proxy cases (per dataset, contiguous sorted ids); "
+        "per fold k = fewest most-sensitive nodes kept float that pass on the other folds, "
+        "checked on the held-out fold; kept k = max over folds and the whole-proxy choice",
+        "k_whole_proxy": k_whole,
+        "k": int(k_final),
+        "held_out_passed": all(r["held_out_pass"] for r in rows),
+    }
 
 
 def _float_reasons(

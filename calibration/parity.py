@@ -123,11 +123,17 @@ def _checkpoint_row(row: _Row, checkpoint: Path, threads: int | None) -> None:
 
 
 def case_masks(row: _Row, case: Case, targets: list[str], preprocessing: Any, *,
-               threshold: float, batch: int, postprocess: str) -> np.ndarray:  # fmt: skip
-    """bool (K, Z, H, W) masks of one row on one case: the path of ``promptseg-run``."""
+               threshold: float, batch: int, postprocess: str,
+               taus: dict[str, float | None] | None = None) -> np.ndarray:  # fmt: skip
+    """bool (K, Z, H, W) masks of one row on one case: the path of ``promptseg-run``.
+
+    ``taus``: per target the presence gate's threshold (None or missing: no gate).
+    """
     films = [row.films[t] for t in targets]
+    gate = [(taus or {}).get(t) for t in targets]
     return segment_case(row.engine, case, films, targets, preprocessing, batch=batch,
-                        threshold=threshold, postprocess=postprocess).masks  # fmt: skip
+                        threshold=threshold, postprocess=postprocess,
+                        presence_thresholds=gate).masks  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the run
@@ -277,7 +283,8 @@ def run_parity(
     batch: int = 16,
     threads: int | None = None,
     progress: bool = False,
-    postprocess: str = "none",
+    postprocess: str = "largest",
+    presence_gate: bool = True,
 ) -> dict[str, Any]:
     """Dice parity of the PyTorch, ORT FP32, FP16 and INT8 paths on one split.
 
@@ -296,6 +303,8 @@ def run_parity(
         progress: tqdm progress bar over cases.
         postprocess: "none" or "largest" (``promptseg-run``'s default: each organ's largest
             3D component in volumes).
+        presence_gate: Gate slices by the presence output with the manifest's per-target
+            ``presence_thresholds``, as ``promptseg-run`` does (False: every slice kept).
 
     Returns:
         The parity report (also written as parity.json): rows, reference, passed, settings.
@@ -305,6 +314,7 @@ def run_parity(
     """
     from promptseg.prompts import PromptVocabulary
     from promptseg.runtime.manifest import EngineFolder
+    from promptseg.runtime.pipeline import Options
     from promptseg.runtime.prompt_resolver import PromptResolver
 
     if not 0.0 < threshold < 1.0:
@@ -331,6 +341,8 @@ def run_parity(
     films = {
         t: resolver.resolve(vocab.canonical(t)).film.astype(np.float32) for t in folder.targets
     }
+    taus = dict(zip(folder.targets, Options(presence_gate=presence_gate).presence_taus(
+        folder.targets, folder.manifest.get("presence_thresholds"))))  # fmt: skip
     ckpt, why = _checkpoint_for(folder, checkpoint)
     rows, engines = _open_rows(folder, ckpt, why, films, threads)
     counts: dict[str, int] = {}
@@ -340,7 +352,7 @@ def run_parity(
                                    progress=progress, desc=f"parity {kind}"):  # fmt: skip
                 targets = [t for t in case.masks if t in films]
                 _score_case(case, targets, rows, folder.preprocessing, threshold=threshold,
-                            batch=batch, postprocess=postprocess)  # fmt: skip
+                            batch=batch, postprocess=postprocess, taus=taus)  # fmt: skip
                 counts[kind] = counts.get(kind, 0) + 1
     finally:
         for engine in engines:
@@ -359,6 +371,8 @@ def run_parity(
         "prompt": "canonical (Segment the {target})",
         "threshold": threshold,
         "postprocess": postprocess,
+        "presence_gate": presence_gate,
+        "presence_thresholds": {t: v for t, v in taus.items() if v is not None},
         "path": "promptseg.cases.segment_case (the slice path of promptseg-run)",
         "tolerance": tolerance,
         "reference": reference,
@@ -389,7 +403,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Dice on the {report['split']} split ({', '.join(f'{k}: {v} cases' for k, v in report['datasets'].items())}), "
         f"canonical prompts, threshold {report['threshold']}, post-processing "
-        f"{report.get('postprocess', 'none')}; Δ to {LABELS.get(report['reference'], 'none')}; "
+        f"{report.get('postprocess', 'none')}, presence gate "
+        f"{'on' if report.get('presence_gate') else 'off'}; Δ to {LABELS.get(report['reference'], 'none')}; "
         f"tolerance {report['tolerance']} Dice.",
         "",
         "| " + " | ".join(head) + " |",
@@ -455,8 +470,13 @@ def _command() -> Any:
     @click.option(
         "--postprocess",
         type=click.Choice(POSTPROCESS_MODES),
-        default="none",
+        default="largest",
         help="'largest': the runtime's largest-component rule, as promptseg-run by default",
+    )
+    @click.option(
+        "--no-presence-gate",
+        is_flag=True,
+        help="keep every slice's mask (default: gate by the manifest's thresholds)",
     )
     @click.option("--threads", type=positive_int, default=None)
     @click.option("--no-fail", is_flag=True, help="exit 0 even when a graph fails")
@@ -494,6 +514,7 @@ def _main(args: Namespace) -> int:
             threads=args.threads,
             progress=args.progress,
             postprocess=args.postprocess,
+            presence_gate=not args.no_presence_gate,
         )
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"parity: error: {first_line(exc)}", file=sys.stderr)

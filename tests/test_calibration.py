@@ -333,6 +333,11 @@ def test_float_fallback_ranks_nodes_and_writes_the_graph_it_scored(engine_dir, d
     trials = fb["trials"]
     assert trials[0]["float_nodes"] == 0 and not trials[0]["pass"]
     assert [t["float_nodes"] for t in trials[1:3]] == [1, 2]
+    # The float-node count is cross-validated over folds of the proxy cases.
+    cv = fb["cross_validation"]
+    assert len(cv["folds"]) == 3 and cv["k"] >= cv["k_whole_proxy"]
+    assert sum(f["cases"] for f in cv["folds"]) == len(fb["proxy"]["case_ids"])
+    assert len([k for k in fb["kept_float"] if k["reason"].startswith("sensitivity")]) == cv["k"]
     # Kept-float nodes: first/last convolutions, then a prefix of the sensitivity ranking.
     reasons = {k["node"]: k["reason"] for k in fb["kept_float"]}
     kept = list(reasons)
@@ -424,6 +429,60 @@ def test_compare_dice_bounds_the_noise_of_per_case_differences():
     single = compare_dice(ref, cand, {"a": 1})
     assert single["m"]["a"] == 1 and single["bound"]["a"] == pytest.approx(2 * sd)
     assert single["bound"]["b"] == out["bound"]["b"]
+
+
+def _proxy(ids_by_dataset):
+    from promptseg.calibration.mixed import ProxyCase, ProxySet
+
+    cases = [ProxyCase(i, d, np.zeros((1, 4, 4)), "ct", {"t": np.ones((1, 4, 4), bool)})
+             for d, ids in ids_by_dataset.items() for i in ids]  # fmt: skip
+    return ProxySet(cases)
+
+
+def test_proxy_folds_keep_neighbouring_cases_together_and_cover_every_case():
+    from promptseg.calibration.mixed import proxy_folds
+
+    brain = [f"brain/{n}" for n in (2, 10, 11, 3, 12, 1)]  # unsorted, numeric order matters
+    proxy = _proxy({"brain-tumor": brain, "chaos-mr": ["chaos/5", "chaos/7"]})
+    folds = proxy_folds(proxy, 3)
+    assert len(folds) == 3 and set().union(*folds) == {c.case_id for c in proxy.cases}
+    assert sum(len(f) for f in folds) == len(proxy.cases)  # disjoint
+    brain_folds = [sorted(f & set(brain), key=lambda i: int(i.split("/")[1])) for f in folds]
+    assert brain_folds == [
+        ["brain/1", "brain/2"],
+        ["brain/3", "brain/10"],
+        ["brain/11", "brain/12"],
+    ]
+    # The second dataset starts one fold later, so small datasets spread over the folds.
+    assert [sorted(f & {"chaos/5", "chaos/7"}) for f in folds] == [[], ["chaos/5"], ["chaos/7"]]
+
+
+def test_cross_validated_float_count_is_chosen_without_the_held_out_fold():
+    from promptseg.calibration.mixed import _cross_validate, _smallest_passing
+
+    assert _smallest_passing(lambda k: k >= 5, 8) == 5
+    assert _smallest_passing(lambda k: k >= 0, 8) == 0
+    assert _smallest_passing(lambda k: False, 8) is None
+    ids = [f"brain/{n}" for n in range(9)]
+    proxy = _proxy({"brain-tumor": ids})
+    ref = {"t": [0.9] * 9}
+    # Cases 0-2 (fold 0) lose 0.1 Dice until 3 nodes are float, the others never lose any:
+    # the other folds choose k = 0 for fold 0, which then fails there; folds 1 and 2 choose
+    # k = 3 because fold 0 is in their training folds.
+    scored = {}
+
+    def trial(kept, label):
+        k = len(kept)
+        scored[k] = {"t": [0.8 if (i < 3 and k < 3) else 0.9 for i in range(9)]}
+        return {"float_nodes": k, "pass": None}
+
+    order = [f"n{i}" for i in range(8)]
+    trial([], "all")
+    cv = _cross_validate(order, 3, 8, trial, scored, ref, proxy, {"t": 100}, 0.01)
+    folds = cv["folds"]
+    assert [f["k_chosen_on_other_folds"] for f in folds] == [0, 3, 3]
+    assert [f["held_out_pass"] for f in folds] == [False, True, True]
+    assert cv["k"] == 3 and not cv["held_out_passed"] and cv["k_whole_proxy"] == 3
 
 
 def test_quantize_int8_rejects_unknown_method(tmp_path):
