@@ -20,6 +20,23 @@ DEFAULT_TAU = 0.5
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 
 
+# Mutually exclusive targets: one brain tumour slice shows one tumour type.
+EXCLUSIVE = ("glioma", "meningioma", "pituitary tumour")
+
+
+def compete(prob: np.ndarray, state: np.ndarray, group: tuple[str, ...] = EXCLUSIVE) -> np.ndarray:
+    """Presence probabilities (N, T) where the members of ``group`` compete, as BiomedParse's
+    mutually exclusive prompts do: on a row where every member is a known pair, each member
+    but the most probable gets probability 0 (so the gate drops it)."""
+    cols = [TARGETS.index(t) for t in group]
+    out = prob.copy()
+    rows = np.all(state[:, cols] >= 0, axis=1)
+    sub = prob[np.ix_(rows, cols)]
+    loser = sub < sub.max(axis=1, keepdims=True)
+    out[np.ix_(rows, cols)] = np.where(loser, 0.0, sub)
+    return out
+
+
 def youden_tau(prob: np.ndarray, label: np.ndarray) -> tuple[float, float]:
     """(tau, J) maximising TPR + TNR - 1 for probabilities (n,) and bool labels (n,)."""
     pos, neg = prob[label], prob[~label]
@@ -115,6 +132,10 @@ def calibrate_checkpoint(
         "targets": chosen,
         "tune_at_tau": score_pairs(bank, pairs, taus),
         "tune_at_0.5": score_pairs(bank, pairs, DEFAULT_TAU),
+        # Measured, not deployed: the tumour prompts competing (one tumour type per slice).
+        "tune_at_tau_tumour_types_compete": score_pairs(
+            bank, {**pairs, "prob": compete(pairs["prob"], bank.state)}, taus
+        ),
     }
     blob = read_checkpoint_blob(path)
     blob["presence_thresholds"] = {t: chosen[t]["tau"] for t in TARGETS}

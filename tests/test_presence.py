@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from promptseg.presence import DEFAULT_TAU, GRID, choose_thresholds, youden_tau
+from promptseg.presence import DEFAULT_TAU, GRID, choose_thresholds, compete, youden_tau
 from promptseg.prompts import TARGETS
 
 
@@ -77,6 +77,21 @@ def test_choose_thresholds_per_target_ignores_unknown_pairs():
     assert choose_thresholds(noisy, state) == chosen
 
 
+def test_tumour_types_compete_only_where_all_three_are_known_pairs():
+    g, m, p, liver = (
+        TARGETS.index(t) for t in ("glioma", "meningioma", "pituitary tumour", "liver")
+    )
+    prob = np.full((3, len(TARGETS)), 0.2)
+    state = np.full((3, len(TARGETS)), -1, np.int8)
+    prob[0, [g, m, p, liver]] = [0.7, 0.9, 0.6, 0.8]
+    state[0, [g, m, p]] = [0, 1, 0]
+    prob[1, [g, m, p]] = [0.7, 0.9, 0.6]
+    state[1, [g, m]] = [1, 0]  # pituitary unknown: no competition on this row
+    out = compete(prob, state)
+    assert out[0, [g, m, p]].tolist() == [0.0, 0.9, 0.0] and out[0, liver] == 0.8
+    assert np.array_equal(out[1:], prob[1:]) and np.array_equal(prob[0, g], 0.7)  # input kept
+
+
 # --------------------------------------------------------------------------- CLI, end to end
 
 
@@ -131,7 +146,7 @@ def test_calibrate_presence_cli_writes_thresholds_into_the_checkpoint(
     assert {t: r["tau"] for t, r in report["targets"].items()} == taus
     liver = int((bank.state[:, TARGETS.index("liver")] == 1).sum())
     assert report["targets"]["liver"]["positives"] == liver > 0
-    for key in ("tune_at_tau", "tune_at_0.5"):
+    for key in ("tune_at_tau", "tune_at_0.5", "tune_at_tau_tumour_types_compete"):
         assert 0 <= report[key]["empty_rate"] <= 1 and "chaos-mr/liver" in report[key]["dice"]
     png = out / "presence_calibration.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
