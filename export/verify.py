@@ -14,15 +14,28 @@ from promptseg.runtime.slices import model_outputs
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass criteria of one graph precision."""
+    """Pass criteria of one graph precision.
+
+    ``max_abs_logit_diff`` is in logits, or (``relative``) a fraction of the largest reference
+    |logit| of the prompt: FP16 keeps about three significant digits, so its error grows with
+    the scale of the activations and a fixed limit in logits would judge the logit scale that
+    training happened to reach, not the export.
+    """
 
     max_abs_logit_diff: float
     min_dice: float
+    relative: bool = False
+
+    def logit_limit(self, ref_scale: float) -> float:
+        """The limit in logits for a prompt whose largest reference |logit| is ``ref_scale``."""
+        return self.max_abs_logit_diff * (ref_scale if self.relative else 1.0)
 
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-3, 0.99),
-    "fp16": Tolerance(5e-2, 0.98),
+    # 1 % of the logit range. (Until the presence-head model it was 0.05 logits; that model's
+    # logits reach about +-24 and its FP16 graph differs by up to 0.1 at 0.999 mask agreement.)
+    "fp16": Tolerance(1e-2, 0.98, relative=True),
 }
 
 
@@ -78,6 +91,7 @@ def compare_graph(
             dice_p = min(dice_p, dice_agreement(got > 0, ref > 0))
         per_prompt[prompt] = {
             "max_abs_logit_diff": diff_p,
+            "max_abs_reference_logit": float(np.max(np.abs(ref))),
             "dice_agreement": dice_p,
             "foreground_fraction": float((ref > 0).mean()),
         }
@@ -106,17 +120,21 @@ def verify_graph(
     """
     result = compare_graph(sess, references, images, films, batch_sizes)
     if tolerance is not None:
+        # Per prompt, its difference against its own limit; the worst ratio is reported.
+        ratio, diff, limit = max(
+            (r["max_abs_logit_diff"] / tolerance.logit_limit(r["max_abs_reference_logit"]),
+             r["max_abs_logit_diff"], tolerance.logit_limit(r["max_abs_reference_logit"]))
+            for r in result["per_prompt"].values()
+        )  # fmt: skip
         result["tolerance"] = {
             "max_abs_logit_diff": tolerance.max_abs_logit_diff,
+            "relative_to_max_abs_reference_logit": tolerance.relative,
             "dice_agreement_min": tolerance.min_dice,
         }
-        if (
-            result["max_abs_logit_diff"] > tolerance.max_abs_logit_diff
-            or result["dice_agreement_min"] < tolerance.min_dice
-        ):
+        if ratio > 1.0 or result["dice_agreement_min"] < tolerance.min_dice:
             raise ExportError(
                 f"verification of {name} failed: max |logit diff| "
-                f"{result['max_abs_logit_diff']:.3g} (limit {tolerance.max_abs_logit_diff:g}), "
+                f"{diff:.3g} (limit {limit:.3g}), "
                 f"Dice agreement {result['dice_agreement_min']:.4f} "
                 f"(minimum {tolerance.min_dice:g}) against PyTorch on {len(images)} real slices"
             )

@@ -174,7 +174,8 @@ def test_manifest_has_every_contract_field(exported, tiny_checkpoint, loaded):
     assert any("ReduceL2" in name for name in audit["kept_fp32"])
     v = m["verification"]
     assert v["max_abs_logit_diff"] <= 1e-3 and v["dice_agreement_min"] >= 0.99
-    assert v["graphs"]["fp16"]["max_abs_logit_diff"] <= 5e-2
+    for r in v["graphs"]["fp16"]["per_prompt"].values():  # FP16: within 1 % of the logit range
+        assert r["max_abs_logit_diff"] <= 1e-2 * r["max_abs_reference_logit"]
     assert v["slices"] >= 8 and len(v["prompts"]) >= 3
     assert {"torch", "onnx", "onnxruntime", "promptseg"} <= set(m["versions"])
 
@@ -246,7 +247,7 @@ def test_onnx_runtime_matches_torch_across_batches_and_prompts(exported, loaded,
             assert presence32.shape == ref_presence.shape == (len(slices), 1)
             assert np.max(np.abs(presence32 - ref_presence)) < 1e-4, (prompt, batch)
             assert np.max(np.abs(got32 - ref)) < 1e-4, (prompt, batch)
-            assert np.max(np.abs(got16 - ref)) < 5e-2, (prompt, batch)
+            assert np.max(np.abs(got16 - ref)) <= 1e-2 * np.max(np.abs(ref)), (prompt, batch)
             a, b = got16 > 0, ref > 0
             dice = 1.0 if a.sum() + b.sum() == 0 else 2 * (a & b).sum() / (a.sum() + b.sum())
             assert dice >= 0.98, (prompt, batch, dice)
