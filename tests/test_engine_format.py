@@ -22,7 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def engine_variants() -> dict[str, tuple[dict, bool]]:
     """name -> (manifest built from the packaged one, whether the format allows it)."""
-    base = json.loads((DEFAULT_ENGINE_DIR / "manifest.json").read_text(encoding="utf-8"))
+    packaged = json.loads((DEFAULT_ENGINE_DIR / "manifest.json").read_text(encoding="utf-8"))
+    base = copy.deepcopy(packaged)  # an older export: none of the optional fields
+    base["outputs"] = base["outputs"][:1]
+    for key in ("presence_thresholds", "prompt_groups"):
+        base.pop(key, None)
+    base["prompt_refusal"].pop("ambiguity_margin", None)
     newer = copy.deepcopy(base)  # the optional fields of newer exports
     newer["outputs"].append({"name": "presence", "shape": ["N", 1], "dtype": "float32"})
     newer["presence_thresholds"] = {t: 0.5 for t in base["targets"]}
@@ -42,7 +47,8 @@ def engine_variants() -> dict[str, tuple[dict, bool]]:
     presence_rank = copy.deepcopy(newer)
     presence_rank["outputs"][1]["shape"] = ["N", 1, 1]
     return {
-        "packaged": (base, True),
+        "packaged": (packaged, True),
+        "older": (base, True),
         "newer": (newer, True),
         "version": (version, False),
         "film_dim": (film, False),

@@ -77,10 +77,11 @@ def test_packaged_margin_is_what_the_calibration_gives(resolver: PromptResolver)
     from promptseg.export.refusal import calibrate_ambiguity
     from promptseg.prompts import PromptVocabulary
 
-    assert resolver.margin == DEFAULT_AMBIGUITY_MARGIN  # the packaged manifest records none
     got = calibrate_ambiguity(
         resolver.cache, PromptVocabulary(), resolver.embed, resolver.threshold
     )
+    # The packaged manifest records the export's calibration, the same rule as the default.
+    assert resolver.margin == pytest.approx(got["ambiguity_margin"], abs=1e-9)
     assert got["ambiguity_margin"] == pytest.approx(DEFAULT_AMBIGUITY_MARGIN, abs=1e-4)
     assert "tumor" in got["ambiguity"]["ambiguous_prompts"]
     assert got["ambiguity"]["passed_wrongly"] == []

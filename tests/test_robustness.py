@@ -126,6 +126,9 @@ def test_canonical_rows_match_promptseg_evaluate(small_run, data_root, tmp_path)
             threads=1,
             max_cases=MAX_CASES,
             progress=False,
+            # robustness scores the network's masks as they are: no gate, no post-processing
+            presence_gate=False,
+            postprocess="none",
         )
         for target, e in summary["targets"].items():
             got = results["prompt_sets"][kind][target]["canonical"]

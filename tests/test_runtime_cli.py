@@ -796,7 +796,9 @@ def test_default_engine_brain_dice(
             for r in csv.DictReader(fh)
             if r["label_name"] == tumour and int(Path(r["file"]).stem) in val
         ]
-    rows = rows[:3]
+    # Ten slices, not three: per-slice glioma Dice varies widely (sd 0.29 on val), and the
+    # presence gate drops an occasional present slice (the third glioma slice here).
+    rows = rows[:10]
     _ok(
         run_cli(
             *[data_root / BRAIN / r["file"] for r in rows],

@@ -121,12 +121,15 @@ def test_parity_path_agrees_with_the_cli_to_the_voxel(data_root, tmp_path: Path)
             for c in iter_cases("chaos-mr", data_root / "chaos-mr-t2spir", "val")
             if c.case_id == "chaos/1"
         )
-        for postprocess in ("largest", "none"):
+        taus = folder.manifest["presence_thresholds"]  # what parity gates with by default
+        for postprocess, gate in (("largest", True), ("none", False)):
             masks = case_masks(row, case, ["spleen"], folder.preprocessing, threshold=0.5,
-                               batch=16, postprocess=postprocess)  # fmt: skip
+                               batch=16, postprocess=postprocess,
+                               taus=taus if gate else None)  # fmt: skip
             out = tmp_path / f"{postprocess}.nii.gz"
             done = _cli(str(EXAMPLE), "--prompt", prompt, "--backend", "ort-cpu",
-                        "--postprocess", postprocess, "-o", str(out))  # fmt: skip
+                        "--postprocess", postprocess, "-o", str(out),
+                        *([] if gate else ["--no-presence-gate"]))  # fmt: skip
             assert done.returncode == 0, done.stderr
             cli = np.asarray(nib.load(str(out)).dataobj).transpose(2, 0, 1)  # LAS -> (Z, H, W)
             assert masks[0].any()
