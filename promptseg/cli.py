@@ -63,9 +63,10 @@ def cmd_robustness(args: Namespace) -> int:
 
 
 def cmd_report(args: Namespace) -> int:
-    from promptseg.report import summary_table
+    from promptseg.report import summary_table, targets_table
 
-    print(summary_table(args.eval_dirs), end="")
+    table = targets_table if args.targets else summary_table
+    print(table(args.eval_dirs), end="")
     return 0
 
 
@@ -367,6 +368,8 @@ def info_command(**options: Any) -> int:
 
 @cli.command("report", help="Markdown tables from evaluate output folders")
 @click.argument("eval_dirs", nargs=-1, required=True, type=PATH)
+@click.option("--targets", is_flag=True,
+              help="print the acceptance table instead (each goal, the value reached, met or not)")
 def report_command(**options: Any) -> int:
     return _handler(cmd_report)(**options)
 

@@ -135,6 +135,24 @@ def test_canonical_rows_match_promptseg_evaluate(small_run, data_root, tmp_path)
             assert got["n"] == e["n"]
             # Prompt batching differs (chunks of 8 vs all targets): allow a flipped pixel.
             assert got["dice_mean"] == pytest.approx(e["dice_mean"], abs=5e-3)
+    # The acceptance table (promptseg report --targets) reads the same summaries back.
+    proc = run_promptseg("report", *(str(tmp_path / kind) for kind in DATASETS), "--targets")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in proc.stdout.splitlines()}
+    for kind in DATASETS:
+        summary = json.loads((tmp_path / kind / "summary.json").read_text())
+        for target, goal in (("liver", 0.92), ("glioma", 0.65), ("meningioma", 0.80)):
+            row = summary["targets"].get(target)
+            cells = rows.get(f"{kind} {target} Dice")
+            assert (cells is None) == (row is None or row["dice_mean"] is None)
+            if cells is not None:
+                assert cells[1] == f"{row['dice_mean']:.3f}"
+                assert cells[3].startswith("met" if row["dice_mean"] >= goal else "**not met**")
+    absent = next(v for k, v in rows.items() if k.startswith("absent-target prompts"))
+    assert absent[1] == " / ".join(
+        f"{json.loads((tmp_path / k / 'summary.json').read_text())['absent_empty_rate']:.3f}"
+        for k in DATASETS
+    )
 
 
 def test_wrong_target_counts_follow_the_domains(small_run):
