@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--case", required=True, help="a volume case id, e.g. chaos/36")
     ap.add_argument("--target", required=True)
     ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--truth-of", help="score against this target's truth instead (e.g. the "
+                    "other kidney: how much of a kidney prompt's mask lies in it)")
     ap.add_argument("--out", type=Path, help="PNG of the largest false component's slices")
     ap.add_argument("--no-presence-gate", action="store_true")
     ap.add_argument("--presence-threshold", type=float,
@@ -64,10 +66,10 @@ def main() -> None:
         tau = loaded.presence_thresholds.get(args.target, DEFAULT_TAU)
     variants = gated_variants(case, args.target, raw.masks[0], raw.presence[0], tau)
     mask = variants["ungated" if args.no_presence_gate else "gated"]
-    truth = case.masks[args.target]
+    truth = case.masks[args.truth_of or args.target]
     z_truth = np.flatnonzero(truth.any(axis=(1, 2)))
-    print(f"{args.case} {args.target}: truth {int(truth.sum())} voxels on slices "
-          f"{z_truth[0]}-{z_truth[-1]}; mask {int(mask.sum())} voxels (tau {tau})")
+    print(f"{args.case} {args.target}: {args.truth_of or args.target} truth {int(truth.sum())} "
+          f"voxels on slices {z_truth[0]}-{z_truth[-1]}; mask {int(mask.sum())} voxels (tau {tau})")
     comps = components(mask, truth)
     for r in comps[:8]:
         print(f"  component {r['voxels']:7d} voxels, slices {r['slices'][0]}-{r['slices'][1]}, "
