@@ -232,6 +232,24 @@ def _handler(run: Callable[[Namespace], int]) -> Callable[..., int]:
     return callback
 
 
+def _deployed_behaviour(func: Callable) -> Callable:
+    """--postprocess and --presence-gate/--no-presence-gate, defaulting to promptseg-run's."""
+    func = click.option(
+        "--presence-gate/--no-presence-gate",
+        "presence_gate",
+        default=True,
+        show_default=True,
+        help="empty slices whose presence probability is below the target's tau (as promptseg-run)",
+    )(func)
+    return click.option(
+        "--postprocess",
+        type=click.Choice(["none", "largest"]),
+        default="largest",
+        show_default=True,
+        help="'largest': keep the largest 3D component of organ masks in volumes (as promptseg-run)",
+    )(func)
+
+
 def _datasets(default: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--datasets",
@@ -307,20 +325,7 @@ def study_command(**options: Any) -> int:
 @click.option("--batch", type=positive_int, default=16)
 @click.option("--threads", type=positive_int, default=2)
 @click.option("--threshold", type=float, default=0.5)
-@click.option(
-    "--postprocess",
-    type=click.Choice(["none", "largest"]),
-    default="largest",
-    show_default=True,
-    help="'largest': keep the largest 3D component of organ masks in volumes (as promptseg-run)",
-)
-@click.option(
-    "--presence-gate/--no-presence-gate",
-    "presence_gate",
-    default=True,
-    show_default=True,
-    help="empty slices whose presence probability is below the target's tau (as promptseg-run)",
-)
+@_deployed_behaviour
 @click.option(
     "--presence-threshold",
     "presence_threshold",
@@ -368,8 +373,11 @@ def info_command(**options: Any) -> int:
 
 @cli.command("report", help="Markdown tables from evaluate output folders")
 @click.argument("eval_dirs", nargs=-1, required=True, type=PATH)
-@click.option("--targets", is_flag=True,
-              help="print the acceptance table instead (each goal, the value reached, met or not)")
+@click.option(
+    "--targets",
+    is_flag=True,
+    help="print the acceptance table instead (each goal, the value reached, met or not)",
+)
 def report_command(**options: Any) -> int:
     return _handler(cmd_report)(**options)
 
@@ -426,6 +434,7 @@ def grids_command(**options: Any) -> int:
 )
 @click.option("--engine", type=PATH, help="engine folder for refusal [default: packaged]")
 @click.option("--threads", type=positive_int, default=1)
+@_deployed_behaviour
 def robustness_command(**options: Any) -> int:
     return _handler(cmd_robustness)(**options)
 

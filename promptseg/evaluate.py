@@ -132,6 +132,7 @@ class Predictor:
         *,
         threshold: float = 0.5,
         postprocess: str = "none",
+        presence_thresholds: Sequence[float | None] | None = None,
         probabilities: bool = False,
     ) -> SliceMasks:
         """Masks (K, Z, H, W) of a case for K prompts (:func:`promptseg.cases.segment_case`)."""
@@ -144,6 +145,7 @@ class Predictor:
             batch=self.batch,
             threshold=threshold,
             postprocess=postprocess,
+            presence_thresholds=presence_thresholds,
             probabilities=probabilities,
         )
 

@@ -105,11 +105,16 @@ def targets_table(eval_dirs: list[Path]) -> str:
                 f"| {label} ({names}) | {values} | >= {goal:.2f} | "
                 f"{_verdict(min(rates.values()) >= goal)} |"
             )
-    same = {d: v["absent_same_domain_empty_rate"] for d, v in s.items()
-            if v.get("absent_same_domain_empty_rate") is not None}
+    same = {
+        d: v["absent_same_domain_empty_rate"]
+        for d, v in s.items()
+        if v.get("absent_same_domain_empty_rate") is not None
+    }
     if same:
-        rows.append(f"| same domain only ({' / '.join(same)}) | "
-                    f"{' / '.join(_cell(r) for r in same.values())} | | |")
+        rows.append(
+            f"| same domain only ({' / '.join(same)}) | "
+            f"{' / '.join(_cell(r) for r in same.values())} | | |"
+        )
     confusion = {
         d: max(c["left kidney"]["right"], c["right kidney"]["left"])
         for d, v in s.items()

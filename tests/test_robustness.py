@@ -59,7 +59,7 @@ def small_run(tmp_path_factory, data_root):
     return out, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
 
 
-def test_writes_numbers_and_one_png_only(small_run):
+def test_writes_numbers_and_one_png_only(small_run, loaded):
     out, results, _ = small_run
     assert sorted(p.name for p in out.iterdir()) == [
         "btcv-ct",
@@ -84,6 +84,8 @@ def test_writes_numbers_and_one_png_only(small_run):
     meta = results["meta"]
     assert meta["command"].startswith("promptseg robustness default --data-root ")
     assert f"--max-cases {MAX_CASES}" in meta["command"] and "--phrasings 1" in meta["command"]
+    assert meta["presence_gate"] is True and meta["postprocess"] == "largest"
+    assert meta["presence_thresholds"] == dict(loaded.presence_thresholds)
     assert meta["datasets"]["btcv-ct"]["cases"] == MAX_CASES
     assert meta["datasets"]["brain-tumor"]["cases"] == MAX_CASES
 
@@ -126,10 +128,7 @@ def test_canonical_rows_match_promptseg_evaluate(small_run, data_root, tmp_path)
             threads=1,
             max_cases=MAX_CASES,
             progress=False,
-            # robustness scores the network's masks as they are: no gate, no post-processing
-            presence_gate=False,
-            postprocess="none",
-        )
+        )  # both score what promptseg-run delivers: presence gate and post-processing on
         for target, e in summary["targets"].items():
             got = results["prompt_sets"][kind][target]["canonical"]
             assert got["n"] == e["n"]
@@ -138,7 +137,9 @@ def test_canonical_rows_match_promptseg_evaluate(small_run, data_root, tmp_path)
     # The acceptance table (promptseg report --targets) reads the same summaries back.
     proc = run_promptseg("report", *(str(tmp_path / kind) for kind in DATASETS), "--targets")
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in proc.stdout.splitlines()}
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in proc.stdout.splitlines()
+    }
     for kind in DATASETS:
         summary = json.loads((tmp_path / kind / "summary.json").read_text())
         for target, goal in (("liver", 0.92), ("glioma", 0.65), ("meningioma", 0.80)):
@@ -308,3 +309,15 @@ def test_bad_free_form_file_exits_2_with_one_line(tmp_path, data_root):
     lines = nonblank_lines(result.stderr)
     assert len(lines) == 1 and "prompts.json" in lines[0] and "'lung'" in lines[0], lines
     assert not out.exists()
+
+
+def test_command_records_the_raw_mask_options(tmp_path):
+    """A run that scores the network's raw masks says so in its reproducing command."""
+    from promptseg.data.datasets import KINDS
+    from promptseg.robustness.free_form import DEFAULT_FREE_FORM
+    from promptseg.robustness.run import robustness_command
+
+    args = ("default", "../shared/data", tmp_path, KINDS, 0, 3, 0, DEFAULT_FREE_FORM, None)
+    assert "--no-presence-gate" not in robustness_command(*args)
+    raw = robustness_command(*args, False, "none")
+    assert raw.endswith("--no-presence-gate --postprocess none")

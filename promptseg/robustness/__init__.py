@@ -2,7 +2,10 @@
 
 Four measurements on the validation splits (``promptseg/data/partition.json``), all with the case
 rule of ``promptseg evaluate`` (a CHAOS or LiTS volume is one case, scored in 3D on its native
-grid; a brain tumour or BTCV slice is one case, scored in 2D) and its :class:`Predictor`:
+grid; a brain tumour or BTCV slice is one case, scored in 2D) and its :class:`Predictor`.
+Masks are what ``promptseg-run`` delivers by default: each prompt's slices gated with its
+target's calibrated presence threshold, then the largest 3D component of organ masks in volumes
+(``--no-presence-gate`` and ``--postprocess none`` score the network's raw masks instead):
 
 1. **Phrasing.** Every present target of every case is prompted with its canonical phrasing
    (``"Segment the {target}"``), with ``phrasings`` distinct training phrasings and with
@@ -25,7 +28,7 @@ grid; a brain tumour or BTCV slice is one case, scored in 2D) and its :class:`Pr
    every validation slice. For each, whether the runtime's prompt resolver
    (:mod:`promptseg.runtime.prompt_resolver`, the packaged engine's calibrated cosine
    threshold) would refuse it. Masks here come from the PyTorch path for every prompt, refused
-   or not.
+   or not; off-topic prompts have no target, so they are scored ungated.
 
 Outputs: ``results.json`` (everything), ``cases.csv`` (one row per scored case and prompt;
 BTCV and LiTS rows go to ``btcv-ct/cases.csv`` and ``lits-ct/cases.csv``, kept local),

@@ -11,6 +11,21 @@ from promptseg.robustness.tally import KIDNEYS, SETS
 from promptseg.runtime.writers import write_json_atomic, write_text_atomic
 
 
+def _behaviour(meta: dict) -> str:
+    """How the masks were made: presence gate and post-processing (older results: neither)."""
+    gate = meta.get("presence_gate", False)
+    post = meta.get("postprocess", "none")
+    gate_text = (
+        "presence gate on (calibrated thresholds; off-topic prompts ungated)"
+        if gate
+        else "no presence gate"
+    )
+    post_text = (
+        "largest 3D component of organs in volumes" if post == "largest" else "no post-processing"
+    )
+    return f"{gate_text}, {post_text}"
+
+
 def write_outputs(results: dict, rows: list[dict], out: Path) -> None:
     write_json_atomic(results, out / "results.json")
     write_csv([r for r in rows if r["dataset"] not in LOCAL_ONLY], out / "cases.csv")
@@ -53,7 +68,8 @@ def report_markdown(results: dict) -> str:
     )
     L.append(f"- data: validation split; {cases}")
     L.append(
-        f"- mask: probability > {meta['threshold']}, no post-processing; {meta['phrasings']} distinct phrasing(s) per "
+        f"- mask: probability > {meta['threshold']}, {_behaviour(meta)}; "
+        f"{meta['phrasings']} distinct phrasing(s) per "
         f"(case, target) for the train and held-out sets (seed {meta['seed']}); "
         f"max cases per dataset: {meta['max_cases'] or 'all'}; {meta['seconds']} s"
     )

@@ -14,6 +14,8 @@ from promptseg.cases import iter_cases
 from promptseg.checkpoint import load_checkpoint, resolve_checkpoint
 from promptseg.data.datasets import KINDS
 from promptseg.evaluate import Predictor, dataset_folders, require_int
+from promptseg.postprocess import POSTPROCESS_MODES
+from promptseg.presence import DEFAULT_TAU
 from promptseg.robustness.free_form import DEFAULT_FREE_FORM, load_free_form
 from promptseg.robustness.refusal import refusal_verdicts
 from promptseg.robustness.report import write_outputs
@@ -44,6 +46,8 @@ def robustness(
     threshold: float = 0.5,
     batch: int = 16,
     threads: int = 1,
+    presence_gate: bool = True,
+    postprocess: str = "largest",
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -62,6 +66,10 @@ def robustness(
         threshold: Probability threshold of the masks.
         batch: Slices per forward pass.
         threads: Torch CPU threads.
+        presence_gate: Gate each prompt's slices with its target's calibrated presence
+            threshold, as ``promptseg-run`` does (off-topic prompts have no target and are
+            scored ungated; the runtime refuses them before the network runs).
+        postprocess: "largest" (``promptseg-run``'s default) or "none".
         command: The command line to record (default: built from the arguments).
         log: Progress lines.
 
@@ -77,6 +85,8 @@ def robustness(
     require_int(max_cases, "--max-cases", 0)
     require_int(threads, "--threads", 1)
     require_int(batch, "batch", 1)
+    if postprocess not in POSTPROCESS_MODES:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {postprocess!r}")
     data_root = Path(data_root)
     folders = dataset_folders(data_root, datasets)
     ckpt_path = resolve_checkpoint(checkpoint)
@@ -84,7 +94,17 @@ def robustness(
     ff = load_free_form(free_form, loaded.vocabulary.targets)
     if command is None:
         command = robustness_command(
-            checkpoint, data_root, out, datasets, max_cases, phrasings, seed, free_form, engine
+            checkpoint,
+            data_root,
+            out,
+            datasets,
+            max_cases,
+            phrasings,
+            seed,
+            free_form,
+            engine,
+            presence_gate,
+            postprocess,
         )
     torch.set_num_threads(threads)
     out = Path(out)
@@ -100,7 +120,19 @@ def robustness(
             prompts = list(req)
             for start in range(0, len(prompts), PROMPT_CHUNK):
                 chunk = prompts[start : start + PROMPT_CHUNK]
-                masks = predictor.segment(case, chunk, chunk, threshold=threshold).masks
+                targets = [_target_of(req[p]) for p in chunk]
+                taus = [
+                    loaded.presence_thresholds.get(t, DEFAULT_TAU) if presence_gate and t else None
+                    for t in targets
+                ]
+                masks = predictor.segment(
+                    case,
+                    chunk,
+                    [t or "" for t in targets],
+                    threshold=threshold,
+                    postprocess=postprocess,
+                    presence_thresholds=taus,
+                ).masks
                 for prompt, pred in zip(chunk, masks):
                     for use in req[prompt]:
                         tally.use(case, prompt, pred, use)
@@ -127,7 +159,9 @@ def robustness(
         "phrasings": phrasings,
         "seed": seed,
         "threshold": threshold,
-        "postprocess": "none",
+        "postprocess": postprocess,
+        "presence_gate": presence_gate,
+        "presence_thresholds": dict(loaded.presence_thresholds) if presence_gate else None,
         "free_form_file": str(ff.path),
         "free_form_sha256": ff.sha256,
         "vocabulary_sha256": loaded.vocabulary.sha256(),
@@ -148,6 +182,8 @@ def robustness_command(
     seed: int,
     free_form: str | Path,
     engine: str | Path | None,
+    presence_gate: bool = True,
+    postprocess: str = "largest",
 ) -> str:
     """The ``promptseg robustness`` command line that reproduces a run."""
     args = ["promptseg", "robustness", str(checkpoint), "--data-root", str(data_root)]
@@ -161,7 +197,20 @@ def robustness_command(
         args += ["--free-form", str(free_form)]
     if engine is not None:
         args += ["--engine", str(engine)]
+    if not presence_gate:
+        args += ["--no-presence-gate"]
+    if postprocess != "largest":
+        args += ["--postprocess", postprocess]
     return shlex.join(args)
+
+
+def _target_of(uses: list[tuple]) -> str | None:
+    """The target a prompt is asked for (every use of one prompt names the same one), or
+    ``None`` for an off-topic prompt."""
+    targets = {u[2] if u[0] in ("set", "free") else u[1] for u in uses if u[0] != "off"}
+    if len(targets) > 1:
+        raise ValueError(f"one prompt serves several targets: {sorted(targets)}")
+    return targets.pop() if targets else None
 
 
 def main_args(args) -> int:
@@ -177,6 +226,8 @@ def main_args(args) -> int:
         free_form=args.free_form or DEFAULT_FREE_FORM,
         engine=args.engine,
         threads=args.threads,
+        presence_gate=args.presence_gate,
+        postprocess=args.postprocess,
         log=lambda line: print(line, file=sys.stderr),
     )
     return 0
