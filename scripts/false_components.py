@@ -35,8 +35,14 @@ def components(mask: np.ndarray, truth: np.ndarray) -> list[dict]:
     for k in range(1, n + 1):
         comp = labels == k
         z = np.flatnonzero(comp.any(axis=(1, 2)))
-        rows.append({"voxels": int(comp.sum()), "in_truth": int((comp & truth).sum()),
-                     "slices": (int(z[0]), int(z[-1])), "mask": comp})
+        rows.append(
+            {
+                "voxels": int(comp.sum()),
+                "in_truth": int((comp & truth).sum()),
+                "slices": (int(z[0]), int(z[-1])),
+                "mask": comp,
+            }
+        )
     return sorted(rows, key=lambda r: -r["voxels"])
 
 
@@ -46,21 +52,34 @@ def main() -> None:
     ap.add_argument("--case", required=True, help="a volume case id, e.g. chaos/36")
     ap.add_argument("--target", required=True)
     ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    ap.add_argument("--truth-of", help="score against this target's truth instead (e.g. the "
-                    "other kidney: how much of a kidney prompt's mask lies in it)")
+    ap.add_argument(
+        "--truth-of",
+        help="score against this target's truth instead (e.g. the "
+        "other kidney: how much of a kidney prompt's mask lies in it)",
+    )
     ap.add_argument("--out", type=Path, help="PNG of the largest false component's slices")
     ap.add_argument("--no-presence-gate", action="store_true")
-    ap.add_argument("--presence-threshold", type=float,
-                    help="tau for the gate (default: the checkpoint's calibrated one, else 0.5)")
+    ap.add_argument(
+        "--presence-threshold",
+        type=float,
+        help="tau for the gate (default: the checkpoint's calibrated one, else 0.5)",
+    )
     args = ap.parse_args()
     kind = DATASET_OF_PREFIX[args.case.split("/")[0]]
-    case = next((c for c in iter_cases(kind, args.data_root / DATASET_FOLDERS[kind], "val",
-                                       progress=False) if c.case_id == args.case), None)
+    case = next(
+        (
+            c
+            for c in iter_cases(kind, args.data_root / DATASET_FOLDERS[kind], "val", progress=False)
+            if c.case_id == args.case
+        ),
+        None,
+    )
     if case is None:
         raise SystemExit(f"{args.case}: not a {kind} validation case")
     loaded = load_checkpoint(args.checkpoint)
-    raw = Predictor(loaded).segment(case, [f"Segment the {args.target}"], [args.target],
-                                    threshold=0.5, probabilities=True)
+    raw = Predictor(loaded).segment(
+        case, [f"Segment the {args.target}"], [args.target], threshold=0.5, probabilities=True
+    )
     tau = args.presence_threshold
     if tau is None:
         tau = loaded.presence_thresholds.get(args.target, DEFAULT_TAU)
@@ -68,12 +87,16 @@ def main() -> None:
     mask = variants["ungated" if args.no_presence_gate else "gated"]
     truth = case.masks[args.truth_of or args.target]
     z_truth = np.flatnonzero(truth.any(axis=(1, 2)))
-    print(f"{args.case} {args.target}: {args.truth_of or args.target} truth {int(truth.sum())} "
-          f"voxels on slices {z_truth[0]}-{z_truth[-1]}; mask {int(mask.sum())} voxels (tau {tau})")
+    print(
+        f"{args.case} {args.target}: {args.truth_of or args.target} truth {int(truth.sum())} "
+        f"voxels on slices {z_truth[0]}-{z_truth[-1]}; mask {int(mask.sum())} voxels (tau {tau})"
+    )
     comps = components(mask, truth)
     for r in comps[:8]:
-        print(f"  component {r['voxels']:7d} voxels, slices {r['slices'][0]}-{r['slices'][1]}, "
-              f"{r['in_truth']} in the truth")
+        print(
+            f"  component {r['voxels']:7d} voxels, slices {r['slices'][0]}-{r['slices'][1]}, "
+            f"{r['in_truth']} in the truth"
+        )
     false = [r for r in comps if r["in_truth"] == 0]
     if args.out and false:
         import matplotlib
@@ -94,8 +117,11 @@ def main() -> None:
                 ax.contour(truth[z], levels=[0.5], colors="lime", linewidths=1)
             ax.set_title(f"slice {z}")
             ax.axis("off")
-        fig.suptitle(f"{args.case} '{args.target}' ({Path(str(args.checkpoint)).name}): "
-                     "mask red, truth green", fontsize=10)
+        fig.suptitle(
+            f"{args.case} '{args.target}' ({Path(str(args.checkpoint)).name}): "
+            "mask red, truth green",
+            fontsize=10,
+        )
         write_figure_atomic(fig, args.out)
         print(f"wrote {args.out}")
 

@@ -193,6 +193,10 @@ def test_report_lists_every_phrasing_and_the_command(small_run):
     for t in results["free_form"]["off_topic"]:
         # Off-topic prompts are far from every known target: the runtime refuses them.
         assert t["refusal"]["refused"] is True, t
+    for t in results["free_form"]["targeted"]:
+        # The verdict names the target the runtime would use: never the other kidney.
+        if not t["refusal"]["refused"]:
+            assert t["refusal"]["nearest_target"] == t["target"], t
     assert results["meta"]["free_form_file"] == str(DEFAULT_FREE_FORM)
 
 

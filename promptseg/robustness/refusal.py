@@ -11,6 +11,9 @@ from promptseg.prompts import FREE_FORM
 def refusal_verdicts(prompts: Sequence[str], engine: str | Path | None = None) -> dict:
     """Would the runtime's prompt resolver refuse each prompt? (needs onnxruntime).
 
+    For an accepted prompt the target, cache row and cosine are the ones the resolver uses
+    (side words exclude the other side's rows); for a refused one, the nearest row overall.
+
     Returns:
         ``{"engine", "threshold", "engine_checkpoint_sha256", "calibration_prompts",
         "prompts": {prompt: {refused, resolved_by, similarity, nearest_target,
@@ -34,20 +37,27 @@ def refusal_verdicts(prompts: Sequence[str], engine: str | Path | None = None) -
     calibration |= {normalise_prompt(p) for ps in FREE_FORM.values() for p in ps}
     out: dict[str, dict] = {}
     for prompt in prompts:
-        try:
-            r = resolver.resolve(prompt)
-            refused, how = False, r.how
-        except PromptError:
-            refused, how = True, "refused"
         i, sim = resolver.nearest(resolver.embed([prompt])[0])
-        out[prompt] = {
-            "refused": refused,
-            "resolved_by": how,
+        verdict = {
+            "refused": True,
+            "resolved_by": "refused",
             "similarity": sim,
             "nearest_target": resolver.cache.targets[i],
             "nearest_prompt": resolver.cache.prompts[i],
-            "in_calibration": normalise_prompt(prompt) in calibration,
         }
+        try:
+            r = resolver.resolve(prompt)
+        except PromptError:
+            pass
+        else:  # what the runtime uses: the side words may pick a farther cache row
+            verdict = {
+                "refused": False,
+                "resolved_by": r.how,
+                "similarity": r.similarity,
+                "nearest_target": r.target,
+                "nearest_prompt": r.nearest,
+            }
+        out[prompt] = {**verdict, "in_calibration": normalise_prompt(prompt) in calibration}
     return {
         "engine": str(folder.path),
         "engine_manifest_sha256": folder.manifest_sha256,
