@@ -353,6 +353,16 @@ def test_btcv_extra_volumes_join_train_or_tune_never_val(roots, split_case_ids):
     assert volumes("val") == {15}
 
 
+@pytest.mark.parametrize("kind", ["brain-tumor", "btcv-ct"])
+@pytest.mark.parametrize("split", ["train", "tune"])
+def test_extra_folder_given_as_the_root_loads_each_case_once(roots, split_case_ids, kind, split):
+    """`promptseg evaluate --data .../btcv-ct-slices-extra --split tune` reads the folder once."""
+    ids = [c.case_id for c in load_cases(kind, _extra_root(roots, kind), split)]
+    assert ids and len(ids) == len(set(ids)), f"{kind}/{split} repeats a case"
+    assert set(ids) <= set(split_case_ids[kind][split])
+    assert list(load_cases(kind, _extra_root(roots, kind), "val")) == []  # extras: never val
+
+
 def test_chaos_tune_is_whole_training_patients(split_case_ids):
     ids = {
         split: {int(c.split("/")[1]) for c in cases}

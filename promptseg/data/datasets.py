@@ -330,6 +330,9 @@ def load_cases(kind: str, root: Path, split: str | None = None) -> Iterator[Case
         if split not in SPLIT_NAMES:
             raise ValueError(f"unknown split {split!r} for {kind}; expected one of {SPLIT_NAMES}")
         sel = load_splits()[kind].get(split)
+    if split is not None and root.name == EXTRA_TRAIN_FOLDERS.get(kind):
+        # the training-only folder itself: its train or tune part, never validation
+        return iter(()) if split == "val" else _extra_cases(kind, root, tune=split == "tune")
     if split == "tune" and kind not in TUNE_RULES:
         return iter(())
     if split is None or split == "val" or kind not in TUNE_RULES:
@@ -352,6 +355,11 @@ def _load_extra(kind: str, root: Path, tune: bool) -> Iterator[Case]:
     extra = root.parent / EXTRA_TRAIN_FOLDERS.get(kind, "-")
     if kind not in EXTRA_TRAIN_FOLDERS or not extra.is_dir():
         return iter(())
+    return _extra_cases(kind, extra, tune)
+
+
+def _extra_cases(kind: str, extra: Path, tune: bool) -> Iterator[Case]:
+    """The cases of the training-only folder ``extra`` in (``tune``) or out of the tune split."""
     rule = TUNE_RULES.get(kind, [])
     if kind == "brain-tumor":
         lo, hi = rule["extra_file_numbers"]
