@@ -97,6 +97,12 @@ def main() -> None:
             f"  component {r['voxels']:7d} voxels, slices {r['slices'][0]}-{r['slices'][1]}, "
             f"{r['in_truth']} in the truth"
         )
+    if args.truth_of:  # the other target's truth, piece by piece: stray labels show here
+        for r in components(truth, mask):
+            print(
+                f"  {args.truth_of} truth component {r['voxels']:6d} voxels, slices "
+                f"{r['slices'][0]}-{r['slices'][1]}, {r['in_truth']} in the mask"
+            )
     false = [r for r in comps if r["in_truth"] == 0]
     if args.out and false:
         import matplotlib
