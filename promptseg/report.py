@@ -50,7 +50,7 @@ def summary_table(eval_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(absent) + "\n"
 
 
-# The acceptance targets of the presence-head model (issue 9), checked against evaluate output.
+# The default model's acceptance goals (README, Default model), checked against evaluate output.
 _DICE_TARGETS: list[tuple[str, str, float]] = [
     ("brain-tumor", "meningioma", 0.80),
     ("brain-tumor", "pituitary tumour", 0.80),
@@ -73,8 +73,9 @@ def _load_summaries(eval_dirs: list[Path]) -> dict[str, dict]:
 def targets_table(eval_dirs: list[Path]) -> str:
     """The acceptance table: each target with the value reached and met / not met.
 
-    Rows whose dataset is not among ``eval_dirs`` are left out; kidney confusion is the largest
-    fraction of a kidney prompt's mask that falls in the other kidney's truth (4 decimals).
+    Rows whose dataset is not among ``eval_dirs`` are left out. Kidney confusion is the fraction
+    of a kidney prompt's mask inside the other kidney's truth (evaluate's mean over cases), the
+    larger of the two prompts, to 4 decimals; its goal is exactly 0.
     """
     s = _load_summaries(eval_dirs)
     rows = ["| target | reached | goal | |", "|---|---|---|---|"]
