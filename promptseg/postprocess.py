@@ -14,20 +14,25 @@ SINGLE_COMPONENT_TARGETS = frozenset({"liver", "spleen", "left kidney", "right k
 POSTPROCESS_MODES = ("largest", "none")
 
 
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components of a bool (Z, H, W) mask: (int labels, 1..n; number n)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"expected a 3D (Z, H, W) mask, got shape {mask.shape}")
+    return ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component of a bool (Z, H, W) mask (empty stays empty).
 
     Size is the voxel count. Components tied for the largest size are all kept, so the result
     does not depend on the scan order of the array (a flipped volume gives the flipped mask).
     """
-    from scipy import ndimage
-
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 3:
-        raise ValueError(f"expected a 3D (Z, H, W) mask, got shape {mask.shape}")
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = label_components(mask)
     if n <= 1:
-        return mask
+        return np.asarray(mask, dtype=bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return (sizes == sizes.max())[labels]

@@ -16,12 +16,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from promptseg.cases import iter_cases
 from promptseg.checkpoint import load_checkpoint
 from promptseg.data.datasets import DATASET_FOLDERS
 from promptseg.evaluate import Predictor, gated_variants
+from promptseg.postprocess import label_components
 from promptseg.presence import DEFAULT_TAU
 from promptseg.runtime.writers import write_figure_atomic
 
@@ -29,8 +29,9 @@ DATASET_OF_PREFIX = {"chaos": "chaos-mr", "lits": "lits-ct"}
 
 
 def components(mask: np.ndarray, truth: np.ndarray) -> list[dict]:
-    """26-connected components of a bool (Z, H, W) mask, largest first, with truth overlap."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    """Components of a bool (Z, H, W) mask, largest first, with truth overlap (the
+    connectivity of the largest-component rule: :func:`promptseg.postprocess.label_components`)."""
+    labels, n = label_components(mask)
     rows = []
     for k in range(1, n + 1):
         comp = labels == k

@@ -37,18 +37,17 @@ def refusal_verdicts(prompts: Sequence[str], engine: str | Path | None = None) -
     calibration |= {normalise_prompt(p) for ps in FREE_FORM.values() for p in ps}
     out: dict[str, dict] = {}
     for prompt in prompts:
-        i, sim = resolver.nearest(resolver.embed([prompt])[0])
-        verdict = {
-            "refused": True,
-            "resolved_by": "refused",
-            "similarity": sim,
-            "nearest_target": resolver.cache.targets[i],
-            "nearest_prompt": resolver.cache.prompts[i],
-        }
         try:
             r = resolver.resolve(prompt)
         except PromptError:
-            pass
+            i, sim = resolver.nearest(resolver.embed([prompt])[0])
+            verdict = {
+                "refused": True,
+                "resolved_by": "refused",
+                "similarity": sim,
+                "nearest_target": resolver.cache.targets[i],
+                "nearest_prompt": resolver.cache.prompts[i],
+            }
         else:  # what the runtime uses: the side words may pick a farther cache row
             verdict = {
                 "refused": False,
